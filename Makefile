@@ -1,0 +1,49 @@
+# The project's commands. `make demo` and `make test` need nothing but Python 3.11 and Java 17.
+SHELL := /bin/bash
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+# The embedded default: Airflow on SQLite, Spark local, artifacts on local disk.
+export PATH := $(VENV)/bin:$(PATH)
+export AIRFLOW_HOME ?= $(CURDIR)/data/airflow
+export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+export AIRFLOW__CORE__UNIT_TEST_MODE ?= False
+export AIRFLOW_CONN_SPARK_DEFAULT ?= {"conn_type": "spark", "host": "local[*]"}
+export SPARK_LOCAL_IP ?= 127.0.0.1
+export PYSPARK_PYTHON := $(PY)
+export PYSPARK_DRIVER_PYTHON := $(PY)
+export NO_ALBUMENTATIONS_UPDATE := 1
+export LAION_OUTPUT_ROOT ?= $(CURDIR)/data/output
+
+.PHONY: venv demo test run up clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
+	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip "setuptools<81" wheel
+	$(PIP) install --quiet -r requirements.txt
+	$(PIP) install --quiet --no-deps -r requirements-nodeps.txt
+	$(PIP) install --quiet --no-deps -e .
+	touch $@
+
+demo: venv
+	$(PY) scripts/demo.py
+
+test: venv
+	$(PY) -m pytest -q tests
+
+run: venv
+	@test -n "$(CONF)" || (echo "usage: make run CONF=path/to/conf.json" >&2; exit 2)
+	$(PY) -m airflow db migrate >/dev/null
+	$(PY) scripts/run_dag.py $(CONF)
+
+up: venv
+	$(PY) scripts/setup_airflow.py
+	$(VENV)/bin/airflow standalone
+
+clean:
+	rm -rf data/demo data/output data/airflow test-output

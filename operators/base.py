@@ -1,0 +1,59 @@
+"""The shared part of every pipeline operator: storage set-up, timing, numbers, metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+from airflow.sdk import BaseOperator
+
+from stages import storage
+
+METRIC_PREFIX = "laion_pipeline"
+
+
+class StageOperator(BaseOperator):
+    """Runs one stage's plain-Python function and publishes its numbers.
+
+    Subclasses implement :meth:`run`, which returns a dict of the stage's numbers. That
+    dict, plus ``started_at``/``ended_at``/``seconds``, becomes the task's XCom return
+    value (shown in the UI's XCom tab) and each number is emitted as a StatsD/OpenTelemetry
+    gauge ``laion_pipeline.<task_id>.<key>`` through Airflow's own metrics.
+
+    :param output_root: where the run's artifacts live, a local path or s3://... (templated)
+    :param storage_conn_id: Airflow connection with the store's credentials (templated)
+    """
+
+    template_fields: Sequence[str] = ("output_root", "storage_conn_id")
+
+    def __init__(self, *, output_root: str, storage_conn_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.output_root = output_root
+        self.storage_conn_id = storage_conn_id
+
+    def path(self, *parts: str) -> str:
+        return storage.join(str(self.output_root), *parts)
+
+    def run(self, context: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        storage.configure_storage(str(self.output_root), self.storage_conn_id)
+        started = time.time()
+        numbers = timed(started, time.time(), self.run(context))
+        emit_stage_metrics(self.task_id, numbers)
+        return numbers
+
+
+def timed(started: float, ended: float, numbers: dict[str, Any]) -> dict[str, Any]:
+    return {**numbers, "started_at": started, "ended_at": ended, "seconds": round(ended - started, 3)}
+
+
+def emit_stage_metrics(task_id: str, numbers: dict[str, Any]) -> None:
+    """Every number of a stage as a gauge, and its duration as a timer, via Airflow's Stats."""
+    from airflow.stats import Stats
+
+    for key, value in numbers.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("started_at", "ended_at"):
+            Stats.gauge(f"{METRIC_PREFIX}.{task_id}.{key}", value)
+    Stats.timing(f"{METRIC_PREFIX}.{task_id}.duration", numbers["seconds"] * 1000)

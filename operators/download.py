@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from operators.base import StageOperator
+
+
+class ListPartsOperator(StageOperator):
+    """Returns the dedup part names (``part-00000`` ...): the download stage maps over them."""
+
+    def run(self, context: Any) -> dict[str, Any]:
+        from stages import storage
+
+        stats = storage.read_json(self.path("dedup", "_stats.json"))
+        return {"parts": [p.split(".")[0] for p in stats["parts"]]}
+
+    def execute(self, context: Any) -> list[str]:  # type: ignore[override]
+        return super().execute(context)["parts"]
+
+
+class DownloadImagesOperator(StageOperator):
+    """img2dataset over one dedup part into ``images/<part>/`` (webdataset shards).
+
+    :param part: the dedup part's name, e.g. ``part-00000`` (templated)
+    """
+
+    template_fields: Sequence[str] = (
+        *StageOperator.template_fields,
+        "part",
+        "image_size",
+        "resize_mode",
+        "processes_count",
+        "thread_count",
+        "number_sample_per_shard",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        *,
+        part: str,
+        image_size: int | str = 256,
+        resize_mode: str = "border",
+        processes_count: int | str = 1,
+        thread_count: int | str = 32,
+        number_sample_per_shard: int | str = 10000,
+        timeout: int | str = 10,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.part = part
+        self.image_size = image_size
+        self.resize_mode = resize_mode
+        self.processes_count = processes_count
+        self.thread_count = thread_count
+        self.number_sample_per_shard = number_sample_per_shard
+        self.timeout = timeout
+
+    def run(self, context: Any) -> dict[str, Any]:
+        from stages.download import DownloadSettings, download_part
+
+        settings = DownloadSettings(
+            image_size=int(self.image_size),
+            resize_mode=str(self.resize_mode),
+            processes_count=int(self.processes_count),
+            thread_count=int(self.thread_count),
+            number_sample_per_shard=int(self.number_sample_per_shard),
+            timeout=int(self.timeout),
+        )
+        numbers = download_part(self.path("dedup", f"{self.part}.parquet"), self.path("images", str(self.part)), settings)
+        self.log.info(
+            "%s: %d of %d samples downloaded in %.1f s", self.part, numbers["successes"], numbers["count"], numbers["seconds"]
+        )
+        numbers["samples_per_second"] = round(numbers["count"] / numbers["seconds"], 2) if numbers["seconds"] else None
+        numbers.pop("shards")
+        return numbers

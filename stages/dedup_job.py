@@ -1,0 +1,97 @@
+"""spark-submit entry for the dedup stage.
+
+    spark-submit --master 'local[*]' stages/dedup_job.py \
+        --input s3://bucket/raw --output s3://bucket/dedup --partitions 16 [--seed 0]
+
+S3 credentials come from fsspec's own configuration (the FSSPEC_S3 environment
+variable), never from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from pyspark import SparkConf, SparkContext
+from pyspark.sql import SparkSession
+
+from stages import dedup
+
+log = logging.getLogger("stages.dedup_job")
+
+LOOPBACK = "127.0.0.1"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Deduplicate raw LAION metadata into parquet parts.")
+    parser.add_argument("--input", required=True, help="folder of raw CSV/parquet files (path or URL)")
+    parser.add_argument("--output", required=True, help="folder for the parts and _stats.json (path or URL)")
+    parser.add_argument("--partitions", required=True, type=_positive_int, help="number of output parts")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the deterministic shuffle")
+    return parser.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def spark_settings(master: str, partitions: int, cores: int, local_ip: str | None) -> dict[str, str]:
+    """Session settings for `master`: a local master binds to loopback and shuffles small.
+
+    The web UI binds to SPARK_LOCAL_IP (`local_ip`), or to every interface when it is
+    unset, so a local run keeps it only when SPARK_LOCAL_IP is loopback.
+    """
+    if not master.startswith("local"):
+        return {}
+    return {
+        "spark.driver.bindAddress": LOOPBACK,
+        "spark.driver.host": LOOPBACK,
+        "spark.sql.shuffle.partitions": str(max(partitions, cores)),
+        "spark.ui.enabled": str(local_ip == LOOPBACK).lower(),
+    }
+
+
+def submitted_master() -> str:
+    """The --master spark-submit was given (its JVM is already running)."""
+    SparkContext._ensure_initialized()  # attach to spark-submit's JVM so SparkConf sees its settings
+    return SparkConf().get("spark.master", "local[*]")
+
+
+def build_spark(partitions: int) -> SparkSession:
+    if "PYSPARK_GATEWAY_PORT" in os.environ:  # started by spark-submit
+        master = submitted_master()
+    else:  # plain python: the JVM launched from here inherits SPARK_LOCAL_IP
+        master = "local[*]"
+        os.environ.setdefault("SPARK_LOCAL_IP", LOOPBACK)
+    settings = spark_settings(master, partitions, os.cpu_count() or 1, os.environ.get("SPARK_LOCAL_IP"))
+    builder = SparkSession.builder.appName("laion-dedup").master(master)
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")  # keep the task log to this job's own lines
+    return spark
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    spark = build_spark(args.partitions)
+    try:
+        stats = dedup.run(spark, args.input, args.output, args.partitions, seed=args.seed)
+    except dedup.DedupInputError as error:
+        log.error("Dedup failed: %s", error)
+        return 2
+    finally:
+        spark.stop()
+    log.info("Dedup done: %d rows out of %d in %.1f s", stats["rows_out"], stats["rows_in"], stats["seconds"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

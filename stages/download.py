@@ -1,0 +1,100 @@
+"""download_images: one dedup part -> webdataset shards, through img2dataset."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fsspec.core import url_to_fs
+
+from stages import storage
+
+log = logging.getLogger(__name__)
+
+# What LAION-400M kept next to each image, beside url and caption.
+ADDITIONAL_COLUMNS = ["SAMPLE_ID", "NSFW", "similarity", "LICENSE"]
+STATS_KEYS = ("count", "successes", "failed_to_download", "failed_to_resize")
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    image_size: int = 256
+    resize_mode: str = "border"
+    processes_count: int = 1
+    thread_count: int = 32
+    number_sample_per_shard: int = 10000
+    timeout: int = 10
+    encode_quality: int = 95
+
+
+def part_name(part_url: str) -> str:
+    """``.../dedup/part-00003.parquet`` -> ``part-00003``: the part's folder under images/."""
+    return posixpath.basename(part_url).split(".")[0]
+
+
+def download_part(part_url: str, output_folder: str, settings: DownloadSettings) -> dict[str, Any]:
+    """Download every (URL, TEXT) of one parquet part into ``output_folder`` as webdataset shards.
+
+    img2dataset's incremental mode makes a rerun skip every shard whose ``_stats.json``
+    exists, so a cleared task redoes only unfinished shards.
+    """
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI on import
+    from img2dataset import download
+
+    started = time.monotonic()
+    download(
+        url_list=part_url,
+        input_format="parquet",
+        url_col="URL",
+        caption_col="TEXT",
+        save_additional_columns=ADDITIONAL_COLUMNS,
+        output_format="webdataset",
+        output_folder=output_folder,
+        image_size=settings.image_size,
+        resize_mode=settings.resize_mode,
+        processes_count=settings.processes_count,
+        thread_count=settings.thread_count,
+        number_sample_per_shard=settings.number_sample_per_shard,
+        timeout=settings.timeout,
+        encode_quality=settings.encode_quality,
+        enable_wandb=False,
+        incremental_mode="incremental",
+        distributor="multiprocessing",
+    )
+    numbers = summarize_shards(output_folder)
+    numbers["seconds"] = round(time.monotonic() - started, 3)
+    numbers["settings"] = asdict(settings)
+    return numbers
+
+
+def summarize_shards(folder: str) -> dict[str, Any]:
+    """Add up img2dataset's per-shard ``*_stats.json`` files under ``folder`` (recursively)."""
+    fs, path = url_to_fs(folder)
+    totals: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    shards, tar_bytes = [], 0
+    for stats_path in sorted(fs.glob(posixpath.join(path, "**", "*_stats.json"))):
+        with fs.open(stats_path, "r") as f:
+            stats = json.load(f)
+        for key in STATS_KEYS:
+            totals[key] += int(stats.get(key, 0))
+        errors.update({str(k): int(v) for k, v in stats.get("status_dict", {}).items() if k != "success"})
+        tar = stats_path[: -len("_stats.json")] + ".tar"
+        size = fs.size(tar) if fs.exists(tar) else 0
+        tar_bytes += size
+        shards.append(
+            {
+                "shard": posixpath.relpath(stats_path, path)[: -len("_stats.json")],
+                "count": int(stats.get("count", 0)),
+                "successes": int(stats.get("successes", 0)),
+                "bytes": size,
+                "seconds": stats.get("duration"),
+            }
+        )
+    return {**{k: totals[k] for k in STATS_KEYS}, "errors": dict(errors), "shards": shards, "bytes": tar_bytes}

@@ -1,0 +1,184 @@
+"""clip_embeddings: webdataset tars -> CLIP image/text embeddings, through clip-retrieval.
+
+The output is clip-retrieval's own layout (``img_emb/img_emb_<i>.npy``,
+``text_emb/text_emb_<i>.npy``, ``metadata/metadata_<i>.parquet``), one partition per tar,
+so autofaiss and clip-retrieval's back end read it unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import multiprocessing
+import posixpath
+import time
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from stages import storage
+
+log = logging.getLogger(__name__)
+
+MARKER = "_SUCCESS.json"
+
+
+def fingerprint(urls: list[str]) -> str:
+    """sha256 over (name, size) of every input file: changes when any input changes."""
+    h = hashlib.sha256()
+    for url in sorted(urls):
+        fs, path = url_to_fs(url)
+        h.update(f"{url}\0{fs.size(path)}\n".encode())
+    return h.hexdigest()
+
+
+def list_tars(images_root: str) -> list[str]:
+    """Every finished shard under ``images/<part>/``: a tar counts once its stats file exists."""
+    fs, path = url_to_fs(images_root)
+    tars = []
+    for stats in sorted(fs.glob(posixpath.join(path, "*", "*_stats.json"))):
+        tar = stats[: -len("_stats.json")] + ".tar"
+        if fs.exists(tar):
+            tars.append(tar if not storage.is_remote(images_root) else f"{images_root.split('://')[0]}://{tar}")
+    return tars
+
+
+def plan_partitions(shards: int, prepro_workers: int) -> tuple[int, int]:
+    """(output partitions, preprocessing workers) for ``shards`` tars.
+
+    webdataset splits a partition's tars between the DataLoader workers and fails on a
+    worker left without one, so every partition gets at least as many tars as workers.
+    """
+    workers = max(1, min(prepro_workers, shards))
+    return max(1, shards // workers), workers
+
+
+def brace_pattern(urls: list[str]) -> str:
+    """One brace-expansion pattern for a list of URLs: clip-retrieval's main() takes a string."""
+    for url in urls:
+        if set(url) & set("{},\\"):
+            raise ValueError(f"shard path {url!r} holds a character reserved by brace expansion")
+    if len(urls) == 1:
+        return urls[0]
+    return "{" + ",".join(urls) + "}"
+
+
+def _open_with_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> Any:
+    return fsspec.open(url, mode).open()
+
+
+def register_webdataset_schemes() -> None:
+    """webdataset 0.2 opens local files, http and pipes only; let it read s3:// via fsspec."""
+    from webdataset import gopen_schemes
+
+    for scheme in ("s3", "s3a", "gs", "gcs", "abfs"):
+        gopen_schemes.setdefault(scheme, _open_with_fsspec)
+
+
+def compute_embeddings(
+    tars: list[str],
+    output_folder: str,
+    *,
+    clip_model: str,
+    batch_size: int = 256,
+    num_prepro_workers: int = 2,
+) -> dict[str, Any]:
+    """Embed every image and caption of ``tars``; skipped when the inputs are unchanged."""
+    if not tars:
+        raise ValueError("no finished image shards to embed: did every download fail?")
+    marker = storage.join(output_folder, MARKER)
+    inputs = fingerprint(tars)
+    done = storage.read_json_or_none(marker)
+    if done and done.get("input_fingerprint") == inputs and done.get("clip_model") == clip_model:
+        log.info("Skipping clip_embeddings: %s matches the %d input shards", MARKER, len(tars))
+        return {**done, "skipped": True}
+
+    import torch
+    from clip_retrieval.clip_inference.main import main as clip_inference
+
+    register_webdataset_schemes()
+    fs, path = url_to_fs(output_folder)
+    for sub in ("img_emb", "text_emb", "metadata", "stats", MARKER):
+        if fs.exists(posixpath.join(path, sub)):
+            fs.rm(posixpath.join(path, sub), recursive=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    partitions, workers = plan_partitions(len(tars), num_prepro_workers)
+    log.info("Embedding %d shards with %s on %s", len(tars), clip_model, device)
+    started = time.monotonic()
+    try:
+        clip_inference(
+            input_dataset=brace_pattern(tars),
+            output_folder=output_folder,
+            input_format="webdataset",
+            enable_text=True,
+            enable_image=True,
+            enable_metadata=True,
+            batch_size=batch_size,
+            num_prepro_workers=workers,
+            clip_model=clip_model,
+            use_jit=False,
+            output_partition_count=partitions,
+            enable_wandb=False,
+        )
+    finally:
+        # clip-retrieval leaves its stats-reader process running when inference raises,
+        # which would keep the task process from ever exiting.
+        for child in multiprocessing.active_children():
+            child.terminate()
+    seconds = time.monotonic() - started
+    count, dim = count_embeddings(storage.join(output_folder, "img_emb"))
+    text_count, _ = count_embeddings(storage.join(output_folder, "text_emb"))
+    numbers = {
+        "count": count,
+        "text_count": text_count,
+        "dim": dim,
+        "device": device,
+        "clip_model": clip_model,
+        "input_fingerprint": inputs,
+        "shards": len(tars),
+        "compute_seconds": round(seconds, 3),
+        "samples_per_second": round(count / seconds, 2) if seconds else None,
+    }
+    storage.write_json(marker, numbers)  # last: the stage is done once this exists
+    return numbers
+
+
+def count_embeddings(folder: str) -> tuple[int, int]:
+    """(rows, dim) over every .npy in ``folder``, reading only the npy headers."""
+    import numpy as np
+
+    fs, path = url_to_fs(folder)
+    rows, dim = 0, 0
+    for npy in sorted(fs.glob(posixpath.join(path, "*.npy"))):
+        with fs.open(npy, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            shape, _, _ = np.lib.format._read_array_header(f, version)  # noqa: SLF001 - header only
+        rows += shape[0]
+        dim = shape[1]
+    return rows, dim
+
+
+def load_embeddings(folder: str) -> "Any":
+    """Every .npy in ``folder`` concatenated in name order (the order autofaiss indexes them)."""
+    import numpy as np
+
+    fs, path = url_to_fs(folder)
+    arrays = []
+    for npy in sorted(fs.glob(posixpath.join(path, "*.npy"))):
+        with fs.open(npy, "rb") as f:
+            arrays.append(np.load(io.BytesIO(f.read())))
+    return np.concatenate(arrays) if arrays else np.zeros((0, 0), dtype="float32")
+
+
+def load_keys(metadata_folder: str) -> list[str]:
+    """Sample keys (``image_path``) in the same order as :func:`load_embeddings`."""
+    import pandas as pd
+
+    fs, path = url_to_fs(metadata_folder)
+    keys: list[str] = []
+    for part in sorted(fs.glob(posixpath.join(path, "*.parquet"))):
+        with fs.open(part, "rb") as f:
+            keys.extend(pd.read_parquet(f, columns=["image_path"])["image_path"].tolist())
+    return keys

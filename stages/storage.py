@@ -1,0 +1,133 @@
+"""Artifact storage: every path the pipeline writes goes through fsspec.
+
+A local path is the embedded default; ``s3://bucket/prefix`` (AWS, MinIO) takes its
+credentials from an Airflow connection. Credentials are handed to fsspec through its own
+configuration (``fsspec.config.conf`` and the ``FSSPEC_S3`` environment variable), so every
+tool the tasks start -- img2dataset's worker processes, clip-retrieval, autofaiss,
+spark-submit -- reads the store the same way without a secret on a command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+def join(root: str, *parts: str) -> str:
+    """Join path parts onto a local path or a URL."""
+    if "://" in root:
+        return posixpath.join(root.rstrip("/"), *parts)
+    return os.path.join(root, *parts)
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def s3_options_from_connection(conn: Any) -> dict[str, Any]:
+    """fsspec/s3fs options from an Airflow ``aws`` connection (MinIO: extra endpoint_url)."""
+    extra = conn.extra_dejson or {}
+    options: dict[str, Any] = {}
+    key = conn.login or extra.get("aws_access_key_id")
+    secret = conn.password or extra.get("aws_secret_access_key")
+    if key:
+        options["key"] = key
+    if secret:
+        options["secret"] = secret
+    client_kwargs: dict[str, Any] = {}
+    endpoint = extra.get("endpoint_url") or (extra.get("service_config", {}).get("s3", {}) or {}).get(
+        "endpoint_url"
+    )
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    if extra.get("region_name"):
+        client_kwargs["region_name"] = extra["region_name"]
+    if client_kwargs:
+        options["client_kwargs"] = client_kwargs
+    return options
+
+
+def configure_s3(options: dict[str, Any]) -> None:
+    """Make ``options`` the default for every s3:// access in this process and its children."""
+    fsspec.config.conf["s3"] = dict(options)
+    os.environ["FSSPEC_S3"] = json.dumps(options)
+    # Instances cached before the change would keep the old credentials.
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
+
+
+def configure_storage(output_root: str, conn_id: str | None) -> None:
+    """Resolve the Airflow connection ``conn_id`` for ``output_root`` when it is on S3."""
+    if not output_root.startswith(("s3://", "s3a://")) or not conn_id:
+        return
+    from airflow.sdk import BaseHook
+
+    configure_s3(s3_options_from_connection(BaseHook.get_connection(conn_id)))
+
+
+def exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return fs.exists(path)
+
+
+def read_json(url: str) -> Any:
+    with fsspec.open(url, "r") as f:
+        return json.load(f)
+
+
+def read_json_or_none(url: str) -> Any:
+    return read_json(url) if exists(url) else None
+
+
+@contextmanager
+def atomic_open(url: str, mode: str = "wb") -> Iterator[Any]:
+    """Open ``url`` for writing so that readers never see a partial file.
+
+    Local files are written to a hidden temporary name and renamed; on S3 a single PUT
+    (or a multipart upload) only creates the object when it completes, so it is written
+    in place.
+    """
+    fs, path = url_to_fs(url)
+    if is_remote(url):
+        with fs.open(path, mode) as f:
+            yield f
+        return
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(url: str, value: Any) -> None:
+    with atomic_open(url, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def write_text(url: str, text: str) -> None:
+    with atomic_open(url, "w") as f:
+        f.write(text)
+
+
+def list_files(url: str, pattern: str = "*") -> list[str]:
+    """Files directly under ``url`` matching ``pattern``, as full URLs or paths, sorted."""
+    fs, path = url_to_fs(url)
+    found = fs.glob(posixpath.join(path.rstrip("/"), pattern))
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (list, tuple)) else fs.protocol
+    if is_remote(url):
+        return sorted(f"{protocol}://{p}" for p in found)
+    return sorted(found)
