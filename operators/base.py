@@ -40,7 +40,8 @@ class StageOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         storage.configure_storage(str(self.output_root), self.storage_conn_id)
         started = time.time()
-        numbers = timed(started, time.time(), self.run(context))
+        numbers = self.run(context)
+        numbers = timed(started, time.time(), numbers)
         emit_stage_metrics(self.task_id, numbers)
         return numbers
 

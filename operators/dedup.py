@@ -50,6 +50,7 @@ class DedupOperator(SparkSubmitOperator):
         started = time.time()
         super().execute(context)
         stats = storage.read_json(storage.join(str(self.output_root), "dedup", "_stats.json"))
-        numbers = timed(started, time.time(), {k: v for k, v in stats.items() if k != "files"})
+        numbers = {k: v for k, v in stats.items() if k not in ("files", "seconds")}
+        numbers = timed(started, time.time(), {**numbers, "job_seconds": stats.get("seconds")})
         emit_stage_metrics(self.task_id, numbers)
         return numbers

@@ -16,8 +16,6 @@ class ReportOperator(StageOperator):
         stage_numbers: dict[str, list[dict[str, Any]]] = {}
         for task_id in STAGE_ORDER:
             pulled = ti.xcom_pull(task_ids=task_id)
-            if task_id == "list_dedup_parts":
-                continue
             stage_numbers[task_id] = [p for p in _as_list(pulled) if isinstance(p, dict)]
         run = {"dag_id": ti.dag_id, "run_id": ti.run_id, "output_root": str(self.output_root)}
         report = build_report(str(self.output_root), stage_numbers, run)

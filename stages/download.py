@@ -6,10 +6,12 @@ import json
 import logging
 import os
 import posixpath
+import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from fsspec.core import url_to_fs
 
@@ -20,6 +22,10 @@ log = logging.getLogger(__name__)
 # What LAION-400M kept next to each image, beside url and caption.
 ADDITIONAL_COLUMNS = ["SAMPLE_ID", "NSFW", "similarity", "LICENSE"]
 STATS_KEYS = ("count", "successes", "failed_to_download", "failed_to_resize")
+# Part i owns shard ids [i * SHARDS_PER_PART, (i + 1) * SHARDS_PER_PART): shard names and
+# sample keys are unique across the whole dataset, not only within a part's folder.
+SHARDS_PER_PART = 100_000
+SHARD_ID_DIGITS = 10
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,40 @@ def part_name(part_url: str) -> str:
     return posixpath.basename(part_url).split(".")[0]
 
 
+def part_index(part_url: str) -> int:
+    name = part_name(part_url)
+    try:
+        return int(name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        raise ValueError(f"dedup part {part_url!r} is not named part-<number>") from None
+
+
+@contextmanager
+def first_shard_id(offset: int) -> Iterator[None]:
+    """Make img2dataset number this call's shards from ``offset`` instead of 0.
+
+    img2dataset's ``download()`` always passes ``start_shard_id=0`` to its Reader (only
+    its "extend" mode moves it); the Reader itself supports any start. Shards are
+    numbered in the calling process, so wrapping the Reader there is enough.
+    """
+    import img2dataset  # noqa: F401 - loads img2dataset.main
+
+    # The package re-exports the function ``main``, which hides the module of that name.
+    img2dataset_main = sys.modules["img2dataset.main"]
+
+    reader_class = img2dataset_main.Reader
+
+    def reader_from_offset(*args: Any, **kwargs: Any) -> Any:
+        *head, start = args
+        return reader_class(*head, start + offset, **kwargs)
+
+    img2dataset_main.Reader = reader_from_offset
+    try:
+        yield
+    finally:
+        img2dataset_main.Reader = reader_class
+
+
 def download_part(part_url: str, output_folder: str, settings: DownloadSettings) -> dict[str, Any]:
     """Download every (URL, TEXT) of one parquet part into ``output_folder`` as webdataset shards.
 
@@ -48,7 +88,17 @@ def download_part(part_url: str, output_folder: str, settings: DownloadSettings)
     from img2dataset import download
 
     started = time.monotonic()
-    download(
+    with first_shard_id(part_index(part_url) * SHARDS_PER_PART):
+        download(**img2dataset_arguments(part_url, output_folder, settings))
+    numbers = summarize_shards(output_folder)
+    numbers["seconds"] = round(time.monotonic() - started, 3)
+    numbers["settings"] = asdict(settings)
+    return numbers
+
+
+def img2dataset_arguments(part_url: str, output_folder: str, settings: DownloadSettings) -> dict[str, Any]:
+    """img2dataset's ``download()`` keyword arguments for one part, LAION-400M's choices."""
+    return dict(
         url_list=part_url,
         input_format="parquet",
         url_col="URL",
@@ -66,11 +116,8 @@ def download_part(part_url: str, output_folder: str, settings: DownloadSettings)
         enable_wandb=False,
         incremental_mode="incremental",
         distributor="multiprocessing",
+        oom_shard_count=SHARD_ID_DIGITS,
     )
-    numbers = summarize_shards(output_folder)
-    numbers["seconds"] = round(time.monotonic() - started, 3)
-    numbers["settings"] = asdict(settings)
-    return numbers
 
 
 def summarize_shards(folder: str) -> dict[str, Any]:

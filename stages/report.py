@@ -8,7 +8,7 @@ from typing import Any
 from stages import storage
 from stages.download import summarize_shards
 
-STAGE_ORDER = ["fetch_metadata", "dedup", "list_dedup_parts", "download_images", "clip_embeddings", "build_index"]
+STAGE_ORDER = ["fetch_metadata", "dedup", "download_images", "clip_embeddings", "build_index"]
 
 
 def stage_durations(stage_numbers: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:

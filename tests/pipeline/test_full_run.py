@@ -1,0 +1,112 @@
+"""One full run of the DAG on the sample web: the report agrees with what the web holds."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.heavy
+
+
+@pytest.fixture(scope="module")
+def finished(airflow_db: str, sample_web: Any, clip_model: str, run: Any, conf_for: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    web, expected, _ = sample_web
+    output = tmp_path_factory.mktemp("run") / "output"
+    run(conf_for(web, output, clip_model))
+    return output, expected
+
+
+def report_of(output: Path) -> dict:
+    return json.loads((output / "report" / "report.json").read_text())
+
+
+def test_dedup_counts_match_the_sample_web(finished: Any) -> None:
+    output, expected = finished
+    dedup = report_of(output)["dedup"]
+    assert dedup["rows_in"] == expected["rows_in"]
+    assert dedup["rows_invalid"] == expected["rows_invalid"]
+    assert dedup["rows_out"] == expected["rows_out"]
+    assert len(list((output / "dedup").glob("part-*.parquet"))) == 2
+
+
+def test_download_counts_match_the_sample_web(finished: Any) -> None:
+    output, expected = finished
+    download = report_of(output)["download"]
+    assert download["count"] == expected["rows_out"]
+    assert download["successes"] == expected["successes"]
+    assert download["failed_to_download"] == expected["failed_to_download"]
+    assert download["failed_to_resize"] == expected["failed_to_resize"]
+    assert sum(download["errors"].values()) == expected["failed_to_download"] + expected["failed_to_resize"]
+
+
+def test_every_sample_has_image_caption_and_json_and_a_unique_key(finished: Any) -> None:
+    output, expected = finished
+    members: dict[str, set[str]] = {}
+    for tar in sorted((output / "images").glob("part-*/*.tar")):
+        with tarfile.open(tar) as archive:
+            for name in archive.getnames():
+                key, ext = name.split(".", 1)
+                assert ext not in members.setdefault(key, set()), f"{key}.{ext} twice"
+                members[key].add(ext)
+    assert len(members) == expected["successes"]
+    assert all(exts == {"jpg", "txt", "json"} for exts in members.values())
+    good = {tuple(pair) for pair in expected["good_pairs"]}
+    captions = set()
+    for tar in sorted((output / "images").glob("part-*/*.tar")):
+        with tarfile.open(tar) as archive:
+            for member in archive.getmembers():
+                if member.name.endswith(".json"):
+                    meta = json.load(archive.extractfile(member))
+                    captions.add((meta["url"], meta["caption"]))
+    assert captions == good
+
+
+def test_embeddings_and_indexes_cover_every_success(finished: Any) -> None:
+    output, expected = finished
+    report = report_of(output)
+    assert report["embeddings"]["count"] == expected["successes"]
+    assert report["embeddings"]["dim"] > 0
+    for name in ("image", "text"):
+        index = report["index"][name]
+        assert index["ntotal"] == expected["successes"]
+        assert index["size_bytes"] == (output / "index" / f"{name}.index").stat().st_size
+        assert 0.0 <= index["recall_at_10"] <= 1.0
+    assert [f["count"] for f in report["funnel"]][-3:] == [expected["successes"]] * 3
+
+
+def test_report_lists_every_stage_with_a_duration(finished: Any) -> None:
+    output, _ = finished
+    report = report_of(output)
+    names = [s["name"] for s in report["stages"]]
+    assert names == ["fetch_metadata", "dedup", "download_images", "clip_embeddings", "build_index"]
+    assert all(s["duration_s"] >= 0 for s in report["stages"])
+    assert next(s for s in report["stages"] if s["name"] == "clip_embeddings")["duration_s"] > 0
+    html = (output / "report" / "report.html").read_text()
+    assert f'{report["download"]["successes"]:,}' in html and "recall@10" in html
+
+
+def test_an_image_query_returns_that_image_first(finished: Any, clip_model: str) -> None:
+    import torch
+    from all_clip import load_clip
+    from PIL import Image
+
+    from stages.search import RunIndex
+
+    output, _ = finished
+    model, preprocess, _ = load_clip(clip_model, use_jit=False, device="cpu")
+    index = RunIndex(str(output))
+    tars = sorted((output / "images").glob("part-*/*.tar"))
+    for tar in (tars[0], tars[-1]):
+        with tarfile.open(tar) as archive:
+            member = next(m for m in archive.getmembers() if m.name.endswith(".jpg"))
+            image = Image.open(io.BytesIO(archive.extractfile(member).read()))
+        with torch.no_grad():
+            vector = model.encode_image(preprocess(image).unsqueeze(0))[0].numpy()
+        hits = index.search_vector(vector, k=5)
+        assert hits[0].key == member.name.split(".")[0]
+        assert hits[0].score == pytest.approx(1.0, abs=1e-3)
