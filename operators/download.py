@@ -11,8 +11,9 @@ class ListPartsOperator(StageOperator):
     def run(self, context: Any) -> dict[str, Any]:
         from stages import storage
 
-        stats = storage.read_json(self.path("dedup", "_stats.json"))
-        return {"parts": [p.split(".")[0] for p in stats["parts"]]}
+        from stages.download import current_parts
+
+        return {"parts": current_parts(storage.read_json(self.path("dedup", "_stats.json")))}
 
     def execute(self, context: Any) -> list[str]:  # type: ignore[override]
         return super().execute(context)["parts"]
@@ -57,7 +58,8 @@ class DownloadImagesOperator(StageOperator):
         self.timeout = timeout
 
     def run(self, context: Any) -> dict[str, Any]:
-        from stages.download import DownloadSettings, download_part
+        from stages import storage
+        from stages.download import DownloadSettings, dedup_version, download_part
 
         settings = DownloadSettings(
             image_size=int(self.image_size),
@@ -67,7 +69,12 @@ class DownloadImagesOperator(StageOperator):
             number_sample_per_shard=int(self.number_sample_per_shard),
             timeout=int(self.timeout),
         )
-        numbers = download_part(self.path("dedup", f"{self.part}.parquet"), self.path("images", str(self.part)), settings)
+        numbers = download_part(
+            self.path("dedup", f"{self.part}.parquet"),
+            self.path("images", str(self.part)),
+            settings,
+            dedup_version=dedup_version(storage.read_json(self.path("dedup", "_stats.json"))),
+        )
         self.log.info(
             "%s: %d of %d samples downloaded in %.1f s", self.part, numbers["successes"], numbers["count"], numbers["seconds"]
         )

@@ -21,9 +21,11 @@ class ClipEmbeddingsOperator(StageOperator):
         self.num_prepro_workers = num_prepro_workers
 
     def run(self, context: Any) -> dict[str, Any]:
+        from stages import storage
+        from stages.download import current_parts
         from stages.embeddings import compute_embeddings, list_tars
 
-        tars = list_tars(self.path("images"))
+        tars = list_tars(self.path("images"), current_parts(storage.read_json(self.path("dedup", "_stats.json"))))
         numbers = compute_embeddings(
             tars,
             self.path("embeddings"),

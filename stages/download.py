@@ -26,6 +26,8 @@ STATS_KEYS = ("count", "successes", "failed_to_download", "failed_to_resize")
 # sample keys are unique across the whole dataset, not only within a part's folder.
 SHARDS_PER_PART = 100_000
 SHARD_ID_DIGITS = 10
+# Not *.json: img2dataset reads every *.json in its output folder as a finished shard.
+VERSION_FILE = "_dedup_version.txt"
 
 
 @dataclass(frozen=True)
@@ -78,22 +80,48 @@ def first_shard_id(offset: int) -> Iterator[None]:
         img2dataset_main.Reader = reader_class
 
 
-def download_part(part_url: str, output_folder: str, settings: DownloadSettings) -> dict[str, Any]:
+def download_part(part_url: str, output_folder: str, settings: DownloadSettings, *, dedup_version: str) -> dict[str, Any]:
     """Download every (URL, TEXT) of one parquet part into ``output_folder`` as webdataset shards.
 
     img2dataset's incremental mode makes a rerun skip every shard whose ``_stats.json``
-    exists, so a cleared task redoes only unfinished shards.
+    exists, so a cleared task redoes only unfinished shards. Shards made from another
+    version of the dedup output (``dedup_version``, its input fingerprint) hold other
+    rows: they are removed first, never mixed in.
     """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI on import
     from img2dataset import download
 
     started = time.monotonic()
+    claim_folder(output_folder, dedup_version)
     with first_shard_id(part_index(part_url) * SHARDS_PER_PART):
         download(**img2dataset_arguments(part_url, output_folder, settings))
     numbers = summarize_shards(output_folder)
     numbers["seconds"] = round(time.monotonic() - started, 3)
     numbers["settings"] = asdict(settings)
     return numbers
+
+
+def dedup_version(dedup_stats: dict[str, Any]) -> str:
+    """Names one dedup output: same raw input, partitions and seed give the same parts."""
+    return f'{dedup_stats["input_fingerprint"]}-p{dedup_stats["partitions"]}-s{dedup_stats.get("seed", 0)}'
+
+
+def current_parts(dedup_stats: dict[str, Any]) -> list[str]:
+    """The part names (``part-00000`` ...) of the current dedup output."""
+    return [p.split(".")[0] for p in dedup_stats["parts"]]
+
+
+def claim_folder(output_folder: str, dedup_version: str) -> None:
+    """Empty ``output_folder`` if its shards come from another dedup version, then mark it."""
+    marker = storage.join(output_folder, VERSION_FILE)
+    fs, path = url_to_fs(output_folder)
+    if fs.exists(path):
+        found = fs.cat_file(url_to_fs(marker)[1]).decode() if storage.exists(marker) else None
+        if found == dedup_version:
+            return
+        log.info("Removing shards of %s: made from dedup version %s, now %s", output_folder, found, dedup_version)
+        fs.rm(path, recursive=True)
+    storage.write_text(marker, dedup_version)
 
 
 def img2dataset_arguments(part_url: str, output_folder: str, settings: DownloadSettings) -> dict[str, Any]:
@@ -120,13 +148,17 @@ def img2dataset_arguments(part_url: str, output_folder: str, settings: DownloadS
     )
 
 
-def summarize_shards(folder: str) -> dict[str, Any]:
-    """Add up img2dataset's per-shard ``*_stats.json`` files under ``folder`` (recursively)."""
+def summarize_shards(folder: str, parts: list[str] | None = None) -> dict[str, Any]:
+    """Add up img2dataset's per-shard ``*_stats.json`` files under ``folder``.
+
+    With ``parts``, only the shards of those part folders count (``folder/<part>/``).
+    """
     fs, path = url_to_fs(folder)
     totals: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     shards, tar_bytes = [], 0
-    for stats_path in sorted(fs.glob(posixpath.join(path, "**", "*_stats.json"))):
+    patterns = [posixpath.join(path, p, "*_stats.json") for p in parts] if parts is not None else [posixpath.join(path, "**", "*_stats.json")]
+    for stats_path in sorted(f for pattern in patterns for f in fs.glob(pattern)):
         with fs.open(stats_path, "r") as f:
             stats = json.load(f)
         for key in STATS_KEYS:

@@ -34,11 +34,12 @@ def fingerprint(urls: list[str]) -> str:
     return h.hexdigest()
 
 
-def list_tars(images_root: str) -> list[str]:
-    """Every finished shard under ``images/<part>/``: a tar counts once its stats file exists."""
+def list_tars(images_root: str, parts: list[str]) -> list[str]:
+    """Every finished shard under ``images/<part>/`` for ``parts``: a tar counts once its stats file exists."""
     fs, path = url_to_fs(images_root)
     tars = []
-    for stats in sorted(fs.glob(posixpath.join(path, "*", "*_stats.json"))):
+    found = (f for part in parts for f in fs.glob(posixpath.join(path, part, "*_stats.json")))
+    for stats in sorted(found):
         tar = stats[: -len("_stats.json")] + ".tar"
         if fs.exists(tar):
             tars.append(tar if not storage.is_remote(images_root) else f"{images_root.split('://')[0]}://{tar}")

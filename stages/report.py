@@ -6,7 +6,7 @@ import html
 from typing import Any
 
 from stages import storage
-from stages.download import summarize_shards
+from stages.download import current_parts, summarize_shards
 
 STAGE_ORDER = ["fetch_metadata", "dedup", "download_images", "clip_embeddings", "build_index"]
 
@@ -31,7 +31,7 @@ def build_report(output_root: str, stage_numbers: dict[str, list[dict[str, Any]]
     """Assemble report.json from the artifacts on storage (the truth) and the tasks' timings."""
     path = lambda *p: storage.join(output_root, *p)  # noqa: E731
     dedup = storage.read_json(path("dedup", "_stats.json"))
-    shards = summarize_shards(path("images"))
+    shards = summarize_shards(path("images"), current_parts(dedup))
     embeddings = storage.read_json(path("embeddings", "_SUCCESS.json"))
     index = storage.read_json(path("index", "_SUCCESS.json"))
     count = shards["count"]

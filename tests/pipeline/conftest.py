@@ -29,11 +29,9 @@ def sample_web(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """(web root, expected counts, server) for the whole session; the server keeps serving."""
     root = tmp_path_factory.mktemp("web")
     (root / "www").mkdir()
-    server = SampleWebServer(root / "www", log_path=tmp_path_factory.mktemp("weblog") / "requests.jsonl")
-    server.__enter__()
-    expected = build_sample_web(root, server.url)
-    yield root, expected, server
-    server.__exit__(None, None, None)
+    with SampleWebServer(root / "www", log_path=tmp_path_factory.mktemp("weblog") / "requests.jsonl") as server:
+        expected = build_sample_web(root, server.url)
+        yield root, expected, server
 
 
 def run_ok(conf: dict[str, Any]) -> Any:

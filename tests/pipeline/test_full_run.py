@@ -110,3 +110,24 @@ def test_an_image_query_returns_that_image_first(finished: Any, clip_model: str)
         hits = index.search_vector(vector, k=5)
         assert hits[0].key == member.name.split(".")[0]
         assert hits[0].score == pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_rerun_with_the_same_conf_keeps_every_artifact(finished: Any, run: Any, conf_for: Any, clip_model: str, sample_web: Any) -> None:
+    """`make run` twice: the second run continues the same dataset and redoes nothing."""
+    import hashlib
+
+    output, expected = finished
+    web, _, _ = sample_web
+
+    def checksums() -> dict[str, str]:
+        kept = ("dedup", "images", "embeddings", "index")
+        return {
+            str(p.relative_to(output)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(output.rglob("*"))
+            if p.is_file() and p.relative_to(output).parts[0] in kept
+        }
+
+    before = checksums()
+    run(conf_for(web, output, clip_model))
+    assert checksums() == before
+    assert report_of(output)["download"]["successes"] == expected["successes"]
