@@ -22,13 +22,14 @@ class ClipEmbeddingsOperator(StageOperator):
 
     def run(self, context: Any) -> dict[str, Any]:
         from stages import storage
-        from stages.download import current_parts
+        from stages.download import current_parts, summarize_shards
         from stages.embeddings import compute_embeddings, list_tars
 
-        tars = list_tars(self.path("images"), current_parts(storage.read_json(self.path("dedup", "_stats.json"))))
+        parts = current_parts(storage.read_json(self.path("dedup", "_stats.json")))
         numbers = compute_embeddings(
-            tars,
+            list_tars(self.path("images"), parts),
             self.path("embeddings"),
+            samples=summarize_shards(self.path("images"), parts)["successes"],
             clip_model=str(self.clip_model),
             batch_size=int(self.batch_size),
             num_prepro_workers=self.num_prepro_workers,

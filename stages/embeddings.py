@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import multiprocessing
 import posixpath
 import time
@@ -46,14 +47,19 @@ def list_tars(images_root: str, parts: list[str]) -> list[str]:
     return tars
 
 
-def plan_partitions(shards: int, prepro_workers: int) -> tuple[int, int]:
-    """(output partitions, preprocessing workers) for ``shards`` tars.
+def plan_partitions(shards: int, prepro_workers: int, samples: int, samples_per_partition: int) -> tuple[int, int]:
+    """(output partitions, preprocessing workers) for ``shards`` tars holding ``samples``.
 
-    webdataset splits a partition's tars between the DataLoader workers and fails on a
-    worker left without one, so every partition gets at least as many tars as workers.
+    A partition is clip-retrieval's unit of output (one npy/parquet triple) and of resume;
+    each costs a few seconds of DataLoader start-up, so partitions hold about
+    ``samples_per_partition`` samples. webdataset splits a partition's tars between the
+    DataLoader workers and fails on a worker left without one, so every partition also
+    gets at least as many tars as workers.
     """
     workers = max(1, min(prepro_workers, shards))
-    return max(1, shards // workers), workers
+    by_workers = max(1, shards // workers)
+    by_samples = max(1, math.ceil(samples / samples_per_partition))
+    return min(by_workers, by_samples), workers
 
 
 def brace_pattern(urls: list[str]) -> str:
@@ -83,8 +89,10 @@ def compute_embeddings(
     output_folder: str,
     *,
     clip_model: str,
+    samples: int,
     batch_size: int = 256,
     num_prepro_workers: int = 2,
+    samples_per_partition: int = 10_000,
 ) -> dict[str, Any]:
     """Embed every image and caption of ``tars``; skipped when the inputs are unchanged."""
     if not tars:
@@ -105,7 +113,7 @@ def compute_embeddings(
         if fs.exists(posixpath.join(path, sub)):
             fs.rm(posixpath.join(path, sub), recursive=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    partitions, workers = plan_partitions(len(tars), num_prepro_workers)
+    partitions, workers = plan_partitions(len(tars), num_prepro_workers, samples, samples_per_partition)
     log.info("Embedding %d shards with %s on %s", len(tars), clip_model, device)
     started = time.monotonic()
     try:
@@ -139,6 +147,7 @@ def compute_embeddings(
         "clip_model": clip_model,
         "input_fingerprint": inputs,
         "shards": len(tars),
+        "partitions": partitions,
         "compute_seconds": round(seconds, 3),
         "samples_per_second": round(count / seconds, 2) if seconds else None,
     }

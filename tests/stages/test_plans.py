@@ -46,9 +46,12 @@ def test_summarize_shards_adds_up_stats(tmp_path: Path) -> None:
     assert totals["bytes"] == 2048 and len(totals["shards"]) == 2
 
 
-@pytest.mark.parametrize("shards,workers,expected", [(1, 4, (1, 1)), (3, 2, (1, 2)), (8, 2, (4, 2)), (9, 4, (2, 4))])
-def test_every_partition_gets_a_tar_per_worker(shards: int, workers: int, expected: tuple[int, int]) -> None:
-    partitions, used = plan_partitions(shards, workers)
+@pytest.mark.parametrize(
+    "shards,workers,samples,expected",
+    [(1, 4, 10, (1, 1)), (3, 2, 30_000, (1, 2)), (8, 2, 80_000, (4, 2)), (9, 4, 90_000, (2, 4)), (8, 2, 400, (1, 2))],
+)
+def test_every_partition_gets_a_tar_per_worker(shards: int, workers: int, samples: int, expected: tuple[int, int]) -> None:
+    partitions, used = plan_partitions(shards, workers, samples, samples_per_partition=10_000)
     assert (partitions, used) == expected
     assert all(len(range(i, shards, partitions)) >= used for i in range(partitions))
 
