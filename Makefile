@@ -17,6 +17,7 @@ export PYSPARK_PYTHON := $(PY)
 export PYSPARK_DRIVER_PYTHON := $(PY)
 export NO_ALBUMENTATIONS_UPDATE := 1
 export LAION_OUTPUT_ROOT ?= $(CURDIR)/data/output
+export AIRFLOW__API__HOST ?= 127.0.0.1
 
 .PHONY: venv demo test run up clean
 
