@@ -23,6 +23,7 @@ class DownloadImagesOperator(StageOperator):
     """img2dataset over one dedup part into ``images/<part>/`` (webdataset shards).
 
     :param part: the dedup part's name, e.g. ``part-00000`` (templated)
+    :param fetch_policy: FetchPolicy fields: allowed networks and download bounds (templated)
     """
 
     template_fields: Sequence[str] = (
@@ -34,6 +35,7 @@ class DownloadImagesOperator(StageOperator):
         "thread_count",
         "number_sample_per_shard",
         "timeout",
+        "fetch_policy",
     )
 
     def __init__(
@@ -46,6 +48,7 @@ class DownloadImagesOperator(StageOperator):
         thread_count: int | str = 32,
         number_sample_per_shard: int | str = 10000,
         timeout: int | str = 10,
+        fetch_policy: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -56,10 +59,12 @@ class DownloadImagesOperator(StageOperator):
         self.thread_count = thread_count
         self.number_sample_per_shard = number_sample_per_shard
         self.timeout = timeout
+        self.fetch_policy = fetch_policy or {}
 
     def run(self, context: Any) -> dict[str, Any]:
         from stages import storage
         from stages.download import DownloadSettings, dedup_version, download_part
+        from stages.safe_fetch import policy_from_params
 
         settings = DownloadSettings(
             image_size=int(self.image_size),
@@ -68,6 +73,7 @@ class DownloadImagesOperator(StageOperator):
             thread_count=int(self.thread_count),
             number_sample_per_shard=int(self.number_sample_per_shard),
             timeout=int(self.timeout),
+            fetch_policy=policy_from_params(self.fetch_policy),
         )
         numbers = download_part(
             self.path("dedup", f"{self.part}.parquet"),

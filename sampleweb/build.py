@@ -261,8 +261,10 @@ def _ground_truth(
         "rows_invalid": len(all_rows) - len(valid),
         "rows_out": len(pairs),
         "successes": outcome.count("good"),
-        "failed_to_download": outcome.count("not_found"),
-        "failed_to_resize": outcome.count("truncated") + outcome.count("html"),
+        # HTML served as image/jpeg is refused by the download guard (html_body); a
+        # truncated JPEG passes the header check and fails in img2dataset's decoder.
+        "failed_to_download": outcome.count("not_found") + outcome.count("html"),
+        "failed_to_resize": outcome.count("truncated"),
         "files": [spec.describe(len(rows)) for spec, rows in zip(RAW_FILE_SPECS, files)],
         "broken_urls": [{"url": t.url, "kind": t.kind} for t in targets if t.kind != "good"],
         "good_pairs": [[url, text] for url, text in pairs if kind_of[url] == "good"],

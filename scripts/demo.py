@@ -35,6 +35,8 @@ def demo_conf(web: Path, output: Path, clip_model: str) -> dict:
         "number_sample_per_shard": 50,
         "clip_model": clip_model,
         "clip_batch_size": 64,
+        # The sample web is on loopback, which downloads refuse unless opened on purpose.
+        "allowed_networks": ["127.0.0.0/8"],
         "max_index_memory_usage": "1G",
         "current_memory_available": "2G",
     }

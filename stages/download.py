@@ -10,12 +10,13 @@ import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 from fsspec.core import url_to_fs
 
 from stages import storage
+from stages.safe_fetch import FetchPolicy
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class DownloadSettings:
     number_sample_per_shard: int = 10000
     timeout: int = 10
     encode_quality: int = 95
+    fetch_policy: FetchPolicy = field(default_factory=FetchPolicy)
 
 
 def part_name(part_url: str) -> str:
@@ -91,13 +93,15 @@ def download_part(part_url: str, output_folder: str, settings: DownloadSettings,
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI on import
     from img2dataset import download
 
+    from stages.guarded_img2dataset import guarded_downloads
+
     started = time.monotonic()
     claim_folder(output_folder, dedup_version)
-    with first_shard_id(part_index(part_url) * SHARDS_PER_PART):
+    with first_shard_id(part_index(part_url) * SHARDS_PER_PART), guarded_downloads(settings.fetch_policy):
         download(**img2dataset_arguments(part_url, output_folder, settings))
     numbers = summarize_shards(output_folder)
     numbers["seconds"] = round(time.monotonic() - started, 3)
-    numbers["settings"] = asdict(settings)
+    numbers["settings"] = {k: v for k, v in asdict(settings).items() if k != "fetch_policy"}
     return numbers
 
 

@@ -149,8 +149,8 @@ def test_counts_match_an_independent_reread(web: tuple[Path, dict, SampleWebServ
     assert good <= pairs and len(good) == expected["successes"]
     kind_of = {broken["url"]: broken["kind"] for broken in expected["broken_urls"]}
     outcomes = [kind_of.get(url, "good") for url, _ in pairs]
-    assert outcomes.count("not_found") == expected["failed_to_download"]
-    assert outcomes.count("truncated") + outcomes.count("html") == expected["failed_to_resize"]
+    assert outcomes.count("not_found") + outcomes.count("html") == expected["failed_to_download"]
+    assert outcomes.count("truncated") == expected["failed_to_resize"]
     assert expected["successes"] + expected["failed_to_download"] + expected["failed_to_resize"] == len(pairs)
     csv_pairs = {(row["URL"], row["TEXT"]) for entry in expected["files"] for row in read_with_csv(root, entry)
                  if is_http(row["URL"] or "")}

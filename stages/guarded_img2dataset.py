@@ -1,0 +1,73 @@
+"""img2dataset with :mod:`stages.safe_fetch` in place of its urllib fetch.
+
+img2dataset has no hook for how an image is fetched: ``Downloader.download_shard`` calls
+the module function ``img2dataset.downloader.download_image_with_retry``. Shards are
+downloaded in worker processes that receive the Downloader by pickle, so the subclass
+below carries the :class:`FetchPolicy` there and swaps that one function in the worker
+before each shard. Everything else -- sharding, resizing, writing, stats -- is
+img2dataset's own.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from img2dataset import downloader as img2dataset_downloader
+
+from stages.safe_fetch import FetchPolicy, FetchRefused, fetch_image
+
+_policy: FetchPolicy | None = None
+
+
+def guarded_download_image_with_retry(
+    row: tuple[int, str], timeout: float, retries: int, user_agent_token: str | None, disallowed_header_directives: Any
+) -> tuple[int, io.BytesIO | None, str | None]:
+    """Same contract as img2dataset's: (key, body stream or None, reason or None)."""
+    key, url = row
+    reason = None
+    for _ in range(retries + 1):
+        try:
+            body = fetch_image(
+                url,
+                _policy or FetchPolicy(),
+                timeout=timeout,
+                disallowed_directives=disallowed_header_directives,
+                user_agent_token=user_agent_token,
+            )
+            return key, io.BytesIO(body), None
+        except FetchRefused as refused:
+            reason = str(refused)
+    return key, None, reason
+
+
+class GuardedDownloader(img2dataset_downloader.Downloader):
+    """img2dataset's Downloader whose worker fetches through :func:`fetch_image`."""
+
+    fetch_policy: FetchPolicy = FetchPolicy()
+
+    def __call__(self, row: Any) -> Any:
+        global _policy
+        _policy = self.fetch_policy
+        img2dataset_downloader.download_image_with_retry = guarded_download_image_with_retry
+        return super().__call__(row)
+
+
+@contextmanager
+def guarded_downloads(policy: FetchPolicy) -> Iterator[None]:
+    """Within the block, ``img2dataset.download`` builds a GuardedDownloader with ``policy``."""
+    img2dataset_main = sys.modules["img2dataset.main"]
+
+    def build(*args: Any, **kwargs: Any) -> GuardedDownloader:
+        downloader = GuardedDownloader(*args, **kwargs)
+        downloader.fetch_policy = policy  # an instance attribute: pickled to the workers
+        return downloader
+
+    original = img2dataset_main.Downloader
+    img2dataset_main.Downloader = build
+    try:
+        yield
+    finally:
+        img2dataset_main.Downloader = original

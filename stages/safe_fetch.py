@@ -1,0 +1,288 @@
+"""Image downloads that contain the hostile web: private networks, slow or endless bodies,
+redirect loops, decompression bombs, bodies that are not images.
+
+img2dataset fetches with ``urllib.request.urlopen``: its timeout bounds each socket read,
+not the whole response (a server trickling a byte a second holds a thread for ever), it
+follows redirects anywhere, reads bodies of any size and connects to any address, the
+cloud metadata service included. :func:`fetch_image` replaces that fetch; every refusal
+is returned as a stable reason code, which img2dataset records as the sample's
+``error_message`` and counts in its stats.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import ipaddress
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Iterable
+from urllib.parse import urljoin, urlsplit
+
+USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+CHUNK = 64 * 1024
+REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class FetchRefused(Exception):
+    """A download stopped by policy or by the server; ``str()`` is the reason code."""
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """Limits on one image download. Every field is a DAG param (see the README's Safety)."""
+
+    allowed_networks: tuple[str, ...] = ()
+    max_seconds: float = 30.0
+    max_bytes: int = 32 * 1024 * 1024
+    max_redirects: int = 5
+    max_pixels: int = 100_000_000
+    max_retry_after: float = 10.0
+    per_host_connections: int = 0
+    networks: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "networks", parse_networks(self.allowed_networks))
+
+
+def policy_from_params(values: dict) -> FetchPolicy:
+    """A FetchPolicy from rendered DAG params (numbers may arrive as strings)."""
+    kinds = {"max_seconds": float, "max_bytes": int, "max_redirects": int, "max_pixels": int,
+             "max_retry_after": float, "per_host_connections": int}
+    policy = {key: kinds[key](value) for key, value in values.items() if key in kinds}
+    networks = values.get("allowed_networks") or ()
+    if isinstance(networks, str):
+        networks = [n for n in networks.split(",") if n.strip()]
+    return FetchPolicy(allowed_networks=tuple(networks), **policy)
+
+
+def parse_networks(cidrs: Iterable[str]) -> tuple:
+    networks = []
+    for cidr in cidrs:
+        try:
+            networks.append(ipaddress.ip_network(cidr.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"allowed_networks: {cidr!r} is not an IP network in CIDR form (e.g. 127.0.0.0/8)") from None
+    return tuple(networks)
+
+
+def refusal_reason(address: str, allowed: tuple = ()) -> str | None:
+    """Why connecting to ``address`` is refused, or None when it is a public address.
+
+    Loopback, private, link-local (169.254.169.254 included), carrier-grade NAT, multicast,
+    reserved and unspecified ranges are refused, in IPv4 and IPv6, IPv4-mapped IPv6 judged
+    as the IPv4 address it carries; ``allowed`` networks are opened on purpose.
+    """
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if any(ip in network for network in allowed if network.version == ip.version):
+        return None
+    for label, test in (
+        ("loopback", ip.is_loopback),
+        ("link_local", ip.is_link_local),
+        ("multicast", ip.is_multicast),
+        ("unspecified", ip.is_unspecified),
+        ("reserved", ip.is_reserved),
+        ("private", ip.is_private),
+        ("not_global", not ip.is_global),
+    ):
+        if test:
+            return label
+    return None
+
+
+def guarded_connect(host: str, port: int, timeout: float, policy: FetchPolicy) -> socket.socket:
+    """Resolve ``host`` and connect to the first permitted address.
+
+    The check runs on the addresses actually connected to, after resolution, so a name
+    that resolves to a private address (DNS rebinding included) is refused.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise FetchRefused("dns_error") from None
+    last_error: OSError | None = None
+    for family, kind, proto, _, sockaddr in infos:
+        if refusal_reason(sockaddr[0], policy.networks):
+            continue
+        sock = socket.socket(family, kind, proto)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(sockaddr)
+            return sock
+        except OSError as err:
+            sock.close()
+            last_error = err
+    if last_error is None:
+        raise FetchRefused("refused_private_address")
+    raise FetchRefused("connection_timeout" if isinstance(last_error, socket.timeout) else "connection_error")
+
+
+class _GuardedHTTP(http.client.HTTPConnection):
+    policy: FetchPolicy
+
+    def connect(self) -> None:
+        self.sock = guarded_connect(self.host, self.port, self.timeout, self.policy)
+
+
+class _GuardedHTTPS(http.client.HTTPSConnection):
+    policy: FetchPolicy
+
+    def connect(self) -> None:
+        sock = guarded_connect(self.host, self.port, self.timeout, self.policy)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+_host_slots: dict[str, threading.BoundedSemaphore] = {}
+_host_slots_lock = threading.Lock()
+
+
+def _host_slot(host: str, limit: int) -> threading.BoundedSemaphore | None:
+    """At most ``limit`` connections to one host at a time from this process (0: no cap)."""
+    if limit <= 0:
+        return None
+    with _host_slots_lock:
+        return _host_slots.setdefault(host, threading.BoundedSemaphore(limit))
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def is_disallowed(headers: http.client.HTTPMessage, directives: set[str], user_agent_token: str | None) -> bool:
+    """X-Robots-Tag handling as img2dataset's own (``noai``, ``noimageai`` ... by default)."""
+    for value in headers.get_all("X-Robots-Tag") or []:
+        token, rest = value.split(":", 1) if ":" in value else (None, value)
+        token = token.strip().lower() if token else None
+        if (token is None or token == user_agent_token) and any(d.strip().lower() in directives for d in rest.split(",")):
+            return True
+    return False
+
+
+def fetch_image(
+    url: str,
+    policy: FetchPolicy,
+    *,
+    timeout: float = 10.0,
+    disallowed_directives: set[str] | None = None,
+    user_agent_token: str | None = None,
+) -> bytes:
+    """The body of ``url``, checked to look like an image; raises :class:`FetchRefused`."""
+    deadline = time.monotonic() + policy.max_seconds
+    redirects = 0
+    waited_for_retry = False
+    while True:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise FetchRefused("unsupported_url")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise FetchRefused("download_time_limit")
+        connection_class = _GuardedHTTPS if parts.scheme == "https" else _GuardedHTTP
+        conn = connection_class(parts.hostname, parts.port, timeout=min(timeout, remaining))
+        conn.policy = policy
+        slot = _host_slot(parts.hostname, policy.per_host_connections)
+        if slot is not None:
+            slot.acquire()
+        try:
+            status, headers, body = _get(conn, parts, deadline, timeout, policy, disallowed_directives, user_agent_token)
+        except (socket.timeout, TimeoutError):
+            # The socket timeout is cut to what is left of the deadline: which one ran out?
+            late = time.monotonic() >= deadline - 0.05
+            raise FetchRefused("download_time_limit" if late else "read_timeout") from None
+        except (ConnectionError, http.client.HTTPException, OSError) as err:
+            if isinstance(err, FetchRefused):
+                raise
+            raise FetchRefused("connection_error") from None
+        finally:
+            conn.close()
+            if slot is not None:
+                slot.release()
+        if status in REDIRECTS and headers.get("Location"):
+            redirects += 1
+            if redirects > policy.max_redirects:
+                raise FetchRefused("too_many_redirects")
+            url = urljoin(url, headers["Location"])
+            continue
+        if status in (429, 503) and not waited_for_retry:
+            delay = _retry_after_seconds(headers.get("Retry-After"))
+            if delay is not None and delay <= policy.max_retry_after and time.monotonic() + delay < deadline:
+                waited_for_retry = True
+                time.sleep(delay)
+                continue
+        if status != 200:
+            raise FetchRefused(f"http_{status}")
+        return check_image_body(body, headers.get("Content-Type", ""), policy)
+
+
+def _get(
+    conn: http.client.HTTPConnection,
+    parts,
+    deadline: float,
+    timeout: float,
+    policy: FetchPolicy,
+    disallowed_directives: set[str] | None,
+    user_agent_token: str | None,
+) -> tuple[int, http.client.HTTPMessage, bytes]:
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    conn.request("GET", path, headers={"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.5"})
+    response = conn.getresponse()
+    if response.status != 200:
+        return response.status, response.headers, b""
+    if disallowed_directives and is_disallowed(response.headers, disallowed_directives, user_agent_token):
+        raise FetchRefused("robots_disallowed")
+    declared = response.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > policy.max_bytes:
+        raise FetchRefused("body_too_large")
+    body = io.BytesIO()
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise FetchRefused("download_time_limit")
+        conn.sock.settimeout(min(timeout, remaining))
+        # read1: at most one socket read, so a trickling server cannot hold us past the deadline.
+        chunk = response.read1(CHUNK)
+        if not chunk:
+            return response.status, response.headers, body.getvalue()
+        body.write(chunk)
+        if body.tell() > policy.max_bytes:
+            raise FetchRefused("body_too_large")
+
+
+def check_image_body(body: bytes, content_type: str, policy: FetchPolicy) -> bytes:
+    """Refuse bodies that are empty, HTML, or declare more pixels than ``max_pixels``.
+
+    Only the image header is parsed here (cheap); a body that passes but cannot be decoded
+    is left to img2dataset's resizer, which counts it as failed_to_resize.
+    """
+    if not body:
+        raise FetchRefused("empty_body")
+    head = body[:512].lstrip().lower()
+    if content_type.lower().startswith(("text/html", "application/xhtml")) or head.startswith((b"<!doctype html", b"<html")):
+        raise FetchRefused("html_body")
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            width, height = image.size
+    except Image.DecompressionBombError:
+        raise FetchRefused("decompression_bomb") from None
+    except Exception:  # noqa: BLE001 - any header PIL cannot read: let the decoder judge
+        return body
+    if width * height > policy.max_pixels:
+        raise FetchRefused("decompression_bomb")
+    return body
