@@ -1,0 +1,61 @@
+"""img2dataset through the download guard, against the hostile server: every reason counted."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from sampleweb.hostile import EXPECTED_REASONS, HostileServer
+from stages.download import DownloadSettings, download_part
+from stages.safe_fetch import FetchPolicy
+
+BOUNDS = dict(max_seconds=4.0, max_bytes=2 * 1024 * 1024, max_redirects=3)
+
+
+def hostile_part(server: HostileServer, folder: Path) -> tuple[Path, dict[str, str | None]]:
+    expected = {server.url(p): reason for p, reason in EXPECTED_REASONS.items()}
+    expected[server.url("/truncated.jpg")] = "Image decoding error"  # passes the guard, fails to decode
+    rows = [
+        {"SAMPLE_ID": i, "URL": url, "TEXT": f"caption {i}", "NSFW": "UNLIKELY", "similarity": 0.3, "LICENSE": "?"}
+        for i, url in enumerate(sorted(expected))
+    ]
+    part = folder / "part-00000.parquet"
+    pd.DataFrame(rows).to_parquet(part)
+    return part, expected
+
+
+def shard_rows(images: Path) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(p) for p in sorted(images.glob("*.parquet"))], ignore_index=True)
+
+
+def test_every_hostile_url_gets_its_own_status(tmp_path: Path) -> None:
+    with HostileServer(trickle_seconds=30) as server:
+        part, expected = hostile_part(server, tmp_path)
+        settings = DownloadSettings(
+            processes_count=1, thread_count=16, number_sample_per_shard=100, timeout=2,
+            fetch_policy=FetchPolicy(allowed_networks=("127.0.0.0/8",), **BOUNDS),
+        )
+        started = time.monotonic()
+        numbers = download_part(str(part), str(tmp_path / "images"), settings, dedup_version="test")
+        elapsed = time.monotonic() - started
+    assert elapsed < 60, f"the download stage took {elapsed:.0f}s: a bound did not hold"
+    rows = shard_rows(tmp_path / "images")
+    got = {row.url: (row.error_message if row.status != "success" else None) for row in rows.itertuples()}
+    assert got == expected
+    failures = {reason: list(expected.values()).count(reason) for reason in set(expected.values()) if reason}
+    assert numbers["errors"] == failures
+    assert numbers["successes"] == 2 and numbers["failed_to_resize"] == 1
+
+
+def test_no_request_reaches_loopback_unless_allowed(tmp_path: Path) -> None:
+    with HostileServer() as server:
+        part, expected = hostile_part(server, tmp_path)
+        settings = DownloadSettings(processes_count=1, thread_count=4, number_sample_per_shard=100, timeout=2)
+        numbers = download_part(str(part), str(tmp_path / "images"), settings, dedup_version="test")
+        requests = sum(server.requests.values())
+    assert requests == 0
+    assert numbers["errors"] == {"refused_private_address": len(expected)}
+    assert set(shard_rows(tmp_path / "images")["error_message"]) == {"refused_private_address"}
