@@ -23,7 +23,7 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from airflow.sdk import Param, dag
+from airflow.sdk import Asset, Param, dag
 
 from operators.dedup import DedupOperator
 from operators.download import DownloadImagesOperator, ListPartsOperator
@@ -31,6 +31,7 @@ from operators.embeddings import ClipEmbeddingsOperator
 from operators.fetch import FetchMetadataOperator
 from operators.index import BuildIndexOperator
 from operators.report import ReportOperator
+from stages.search import INDEX_ASSET
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT_ROOT = os.environ.get("LAION_OUTPUT_ROOT", str(REPO / "data" / "output"))
@@ -53,6 +54,9 @@ PARAMS = {
     "output_root": Param(OUTPUT_ROOT, type="string", minLength=1, description="Local path or s3://bucket/prefix."),
     "storage_conn_id": Param(STORAGE_CONN_ID, type="string", description="Airflow connection for s3:// output."),
     "dedup_partitions": Param(4, type="integer", minimum=1, maximum=100000),
+    "max_caption_length": Param(4096, type="integer", minimum=1, description="Captions longer than this are truncated or rejected."),
+    "long_captions": Param("truncate", type="string", enum=["truncate", "reject"]),
+    "bad_files": Param("fail", type="string", enum=["fail", "skip"], description="A raw file that is not CSV/parquet or has no URL column: fail the run, or move it to raw/_rejected/ and report it."),
     "image_size": Param(256, type="integer", minimum=16, maximum=4096),
     "resize_mode": Param("border", type="string", enum=["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]),
     "processes_count": Param(int(os.environ.get("LAION_PROCESSES_COUNT", os.cpu_count() or 1)), type="integer", minimum=1, maximum=256),
@@ -99,7 +103,17 @@ def laion_pipeline() -> None:
     gpu = {"pool": GPU_POOL, "queue": GPU_QUEUE}
 
     fetch = FetchMetadataOperator(task_id="fetch_metadata", metadata_urls="{{ params.metadata_urls }}", **stage)
-    dedup = DedupOperator(task_id="dedup", partitions="{{ params.dedup_partitions }}", conn_id="spark_default", **stage)
+    dedup = DedupOperator(
+        task_id="dedup",
+        partitions="{{ params.dedup_partitions }}",
+        row_policy={
+            "max_caption_length": "{{ params.max_caption_length }}",
+            "long_captions": "{{ params.long_captions }}",
+            "bad_files": "{{ params.bad_files }}",
+        },
+        conn_id="spark_default",
+        **stage,
+    )
     parts = ListPartsOperator(task_id="list_dedup_parts", **stage)
     download = DownloadImagesOperator.partial(
         task_id="download_images",
@@ -127,6 +141,7 @@ def laion_pipeline() -> None:
     )
     index = BuildIndexOperator(
         task_id="build_index",
+        outlets=[Asset(INDEX_ASSET)],  # the search plugin reloads a run's index on its events
         max_index_memory_usage="{{ params.max_index_memory_usage }}",
         current_memory_available="{{ params.current_memory_available }}",
         index_key="{{ params.index_key }}",

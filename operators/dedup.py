@@ -12,14 +12,25 @@ from stages import storage
 DEDUP_JOB = str(Path(__file__).resolve().parents[1] / "stages" / "dedup_job.py")
 
 
-def dedup_job_args(*, output_root: str, partitions: int, seed: int = 0) -> list[str]:
+def dedup_job_args(
+    *,
+    output_root: str,
+    partitions: int,
+    seed: int = 0,
+    max_caption_length: int = 4096,
+    long_captions: str = "truncate",
+    bad_files: str = "fail",
+) -> list[str]:
     """The dedup application's argv: raw files in, parquet parts out."""
     return [
         "--input", storage.join(output_root, "raw"),
         "--output", storage.join(output_root, "dedup"),
         "--partitions", str(partitions),
         "--seed", str(seed),
-    ]
+        "--max-caption-length", str(max_caption_length),
+        "--long-captions", long_captions,
+        "--bad-files", bad_files,
+    ]  # fmt: skip
 
 
 class DedupOperator(SparkSubmitOperator):
@@ -32,25 +43,48 @@ class DedupOperator(SparkSubmitOperator):
     :param output_root: the run's artifact root (templated)
     :param partitions: number of parquet parts to write (templated)
     :param storage_conn_id: connection holding the store's credentials (templated)
+    :param row_policy: max_caption_length, long_captions, bad_files (templated)
     """
 
-    template_fields: Sequence[str] = (*SparkSubmitOperator.template_fields, "output_root", "partitions", "storage_conn_id")
+    template_fields: Sequence[str] = (
+        *SparkSubmitOperator.template_fields,
+        "output_root",
+        "partitions",
+        "storage_conn_id",
+        "row_policy",
+    )
 
-    def __init__(self, *, output_root: str, partitions: int | str, storage_conn_id: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        output_root: str,
+        partitions: int | str,
+        storage_conn_id: str | None = None,
+        row_policy: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("application", DEDUP_JOB)
         kwargs.setdefault("name", "laion-dedup")
         super().__init__(**kwargs)
         self.output_root = output_root
         self.partitions = partitions
         self.storage_conn_id = storage_conn_id
+        self.row_policy = row_policy or {}
 
     def execute(self, context: Any) -> dict[str, Any]:
         storage.configure_storage(str(self.output_root), self.storage_conn_id)
-        self.application_args = dedup_job_args(output_root=str(self.output_root), partitions=int(self.partitions))
+        policy = self.row_policy
+        self.application_args = dedup_job_args(
+            output_root=str(self.output_root),
+            partitions=int(self.partitions),
+            max_caption_length=int(policy.get("max_caption_length", 4096)),
+            long_captions=str(policy.get("long_captions", "truncate")),
+            bad_files=str(policy.get("bad_files", "fail")),
+        )
         started = time.time()
         super().execute(context)
         stats = storage.read_json(storage.join(str(self.output_root), "dedup", "_stats.json"))
-        numbers = {k: v for k, v in stats.items() if k not in ("files", "seconds")}
+        numbers = {k: v for k, v in stats.items() if k not in ("files", "seconds", "policy")}
         numbers = timed(started, time.time(), {**numbers, "job_seconds": stats.get("seconds")})
         emit_stage_metrics(self.task_id, numbers)
         return numbers

@@ -35,6 +35,7 @@ class BuildIndexOperator(StageOperator):
 
     def run(self, context: Any) -> dict[str, Any]:
         from stages.index import build_indexes
+        from stages.search import publish_search_files
 
         numbers = build_indexes(
             self.path("embeddings"),
@@ -43,6 +44,8 @@ class BuildIndexOperator(StageOperator):
             current_memory_available=str(self.current_memory_available),
             index_key=str(self.index_key) if self.index_key not in (None, "", "None") else None,
         )
+        # index/metadata (clip-retrieval's layout) and the shards' offset tables, for search
+        numbers["search"] = publish_search_files(str(self.output_root))
         for name in ("image", "text"):
             self.log.info("%s index %s: recall@10 %s", name, numbers[name]["index_key"], numbers[name]["recall_at_10"])
         return {**numbers, **{f"{n}_recall_at_10": numbers[n]["recall_at_10"] for n in ("image", "text")}}

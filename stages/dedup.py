@@ -10,6 +10,7 @@ when it exists, and a rerun over the same input is skipped.
 from __future__ import annotations
 
 import contextlib
+import csv
 import gzip
 import hashlib
 import json
@@ -20,7 +21,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,35 @@ HEADER_NAMES: dict[str, tuple[str, ...]] = {
 DELIMITERS = ("|", ",", "\t", ";")
 DEDUP_KEY = ("URL", "TEXT")
 STATS_FILE = "_stats.json"
+REJECTED_DIR = "_rejected"
+REJECTED_SAMPLE_PER_REASON = 100
 _FILE_INDEX = "_file_index"
-_VALID = "_valid"
+_REASON = "_reason"
+_MALFORMED = "_malformed"
+_CORRUPT = "_corrupt_record"
+
+
+@dataclass(frozen=True)
+class RowPolicy:
+    """What makes a row invalid beyond a missing http(s) URL, and what to do with bad files.
+
+    ``long_captions``: "truncate" cuts captions to ``max_caption_length`` characters,
+    "reject" drops those rows; both are counted. ``bad_files``: "fail" stops the job on a
+    file that is not CSV/parquet or has no URL column; "skip" moves it to
+    ``<input>/_rejected/`` and reports it.
+    """
+
+    max_caption_length: int = 4096
+    long_captions: str = "truncate"
+    bad_files: str = "fail"
+
+    def __post_init__(self) -> None:
+        if self.max_caption_length < 1:
+            raise ValueError(f"max_caption_length must be at least 1, got {self.max_caption_length}")
+        if self.long_captions not in ("truncate", "reject"):
+            raise ValueError(f"long_captions must be 'truncate' or 'reject', got {self.long_captions!r}")
+        if self.bad_files not in ("fail", "skip"):
+            raise ValueError(f"bad_files must be 'fail' or 'skip', got {self.bad_files!r}")
 
 
 class DedupInputError(ValueError):
@@ -70,10 +98,16 @@ class InputFile:
     local_path: str  # where Spark reads it
     format: str  # "csv" or "parquet"
     delimiter: str | None  # None for parquet
+    header: str | None = None  # a CSV's first line
 
 
 def run(
-    spark: SparkSession, input_url: str, output_url: str, partitions: int, seed: int = 0
+    spark: SparkSession,
+    input_url: str,
+    output_url: str,
+    partitions: int,
+    seed: int = 0,
+    policy: RowPolicy = RowPolicy(),
 ) -> dict[str, Any]:
     """Deduplicate every file under `input_url` into `partitions` parts under `output_url`.
 
@@ -89,8 +123,8 @@ def run(
     fingerprint = input_fingerprint(listing)
     previous = storage.read_json_or_none(storage.join(output_url, STATS_FILE))
     if previous is not None:
-        done = (previous.get("input_fingerprint"), previous.get("partitions"), previous.get("seed"))
-        if done == (fingerprint, partitions, seed):
+        done = (previous.get("input_fingerprint"), previous.get("partitions"), previous.get("seed"), previous.get("policy"))
+        if done == (fingerprint, partitions, seed, asdict(policy)):
             log.info(
                 "Skipping dedup: %s/%s already records input fingerprint %s, %d partitions, seed %d",
                 output_url, STATS_FILE, fingerprint[:12], partitions, seed,
@@ -99,33 +133,59 @@ def run(
         log.info("Redoing dedup: %s/%s was made from other input or settings", output_url, STATS_FILE)
 
     with _local_input_dir(in_fs, in_root, listing) as input_dir:
-        files = [
-            detect_file(name, f"{input_url.rstrip('/')}/{name}", os.path.join(input_dir, name))
-            for name, _ in listing
-        ]
-        rows = tag_rows(spark, files)  # reads the headers: a bad file fails before any output
+        files, frames, rejected_files = [], [], []
+        for name, _ in listing:
+            source = f"{input_url.rstrip('/')}/{name}"
+            try:
+                file = detect_file(name, source, os.path.join(input_dir, name))
+                frame = read_file(spark, file)  # reads the header: a bad file fails before any output
+            except DedupInputError as error:
+                if policy.bad_files == "fail":
+                    raise
+                log.warning("Moving %s aside to %s/: %s", source, REJECTED_DIR, error)
+                set_aside(in_fs, in_root, name)
+                rejected_files.append({"name": name, "error": str(error)})
+                continue
+            if frame is not None:
+                frames.append(frame.withColumn(_FILE_INDEX, F.lit(len(files))))
+            files.append(file)
+        rows = tag_rows(frames, policy)
         counts = count_rows(rows)
-        deduped = shuffle(drop_duplicates(rows.where(F.col(_VALID))), partitions, seed)
+        deduped = shuffle(drop_duplicates(valid_rows(rows, policy)), partitions, seed)
         with _work_dir(out_fs, out_root) as work:
             parts = write_parts(deduped, work, partitions)
+            rejected_sample = write_rejected_sample(rows, files, work)
+            by_reason: dict[str, int] = {}
+            for (_, reason), n in counts.items():
+                if reason is not None:
+                    by_reason[reason] = by_reason.get(reason, 0) + n
             stats = {
-                "rows_in": sum(total for total, _ in counts.values()),
-                "rows_invalid": sum(invalid for _, invalid in counts.values()),
+                "rows_in": sum(counts.values()),
+                "rows_invalid": sum(by_reason.values()),
+                "rows_invalid_by_reason": dict(sorted(by_reason.items())),
+                "captions_truncated": count_truncated(rows, policy),
                 "rows_out": sum(pq.read_metadata(part).num_rows for part in parts),
                 "partitions": partitions,
                 "seed": seed,
+                "policy": asdict(policy),
                 "parts": [part_name(index) for index in range(partitions)],
                 "files": [
-                    {"name": f.name, "rows": counts.get(i, (0, 0))[0], "format": f.format, "delimiter": f.delimiter}
-                    for i, f in enumerate(files)
+                    {
+                        "name": f.name,
+                        "rows": sum(n for (i, _), n in counts.items() if i == index),
+                        "format": f.format,
+                        "delimiter": f.delimiter,
+                    }
+                    for index, f in enumerate(files)
                 ],
-                "input_fingerprint": fingerprint,
+                "files_rejected": rejected_files,
+                "input_fingerprint": input_fingerprint([(n, size) for n, size in listing if n not in {r["name"] for r in rejected_files}]),
                 "seconds": round(time.monotonic() - started, 3),
             }
-            publish(out_fs, out_root, parts)
+            publish(out_fs, out_root, parts, rejected_sample)
             storage.write_json(storage.join(output_url, STATS_FILE), stats)  # last: marks the output complete
     log.info(
-        "Dedup wrote %d of %d rows (%d without an http(s) URL) to %s in %d parts",
+        "Dedup wrote %d of %d rows (%d invalid) to %s in %d parts",
         stats["rows_out"], stats["rows_in"], stats["rows_invalid"], output_url, partitions,
     )  # fmt: skip
     return stats
@@ -161,6 +221,9 @@ def detect_file(name: str, source: str, local_path: str) -> InputFile:
     try:
         with (gzip.open if gzipped else open)(local_path, "rb") as handle:
             header = handle.readline(1 << 16).decode("utf-8-sig")
+            empty = not header.strip() and not handle.read(1 << 16).strip()
+        if empty:
+            return InputFile(name, source, local_path, "empty", None)
         if "\x00" in header or not header.strip():
             raise ValueError("no text header row")
     except (OSError, EOFError, ValueError) as error:  # UnicodeDecodeError is a ValueError
@@ -168,7 +231,7 @@ def detect_file(name: str, source: str, local_path: str) -> InputFile:
             f"input file {source} is neither CSV nor parquet (columns: none, {error}); "
             "expected a CSV with a header row or a parquet file"
         ) from error
-    return InputFile(name, source, local_path, "csv", sniff_delimiter(header))
+    return InputFile(name, source, local_path, "csv", sniff_delimiter(header), header)
 
 
 def sniff_delimiter(header: str) -> str:
@@ -184,31 +247,40 @@ def sniff_delimiter(header: str) -> str:
     return best if counts[best] else ","
 
 
-def read_file(spark: SparkSession, file: InputFile) -> DataFrame:
-    """One input file as a DataFrame with REFERENCE_SCHEMA."""
+def read_file(spark: SparkSession, file: InputFile) -> DataFrame | None:
+    """One input file as a DataFrame with REFERENCE_SCHEMA and ``_malformed``; None when empty."""
+    if file.format == "empty":
+        log.info("Input file %s is empty", file.source)
+        return None
     path = "file://" + os.path.abspath(file.local_path)
     if file.format == "parquet":
-        frame = spark.read.parquet(path)
-    else:
-        # multiLine: quoted captions may hold the delimiter or newlines; every column stays a string.
-        options = {"header": True, "sep": file.delimiter, "quote": '"', "escape": '"', "mode": "PERMISSIVE"}
-        frame = spark.read.csv(path, multiLine=True, **options)
-    return align_to_reference(frame, file.source)
+        return align_to_reference(spark.read.parquet(path), file.source, F.lit(False).alias(_MALFORMED))
+    # The header's own columns, all strings, plus Spark's corrupt-record column: a row with
+    # too few or too many fields is kept there instead of being silently padded or cut.
+    names = next(csv.reader([file.header or ""], delimiter=file.delimiter or ","))
+    names = [n.strip().lstrip("\ufeff") or f"_c{i}" for i, n in enumerate(names)]
+    schema = StructType([StructField(n, StringType()) for n in names] + [StructField(_CORRUPT, StringType())])
+    # multiLine: quoted captions may hold the delimiter or newlines.
+    options = {"header": True, "sep": file.delimiter, "quote": '"', "escape": '"', "mode": "PERMISSIVE"}
+    frame = spark.read.csv(path, multiLine=True, schema=schema, columnNameOfCorruptRecord=_CORRUPT, **options)
+    return align_to_reference(frame, file.source, F.col(_CORRUPT).isNotNull().alias(_MALFORMED))
 
 
-def align_to_reference(frame: DataFrame, source: str) -> DataFrame:
-    """Rename, cast and order columns as REFERENCE_SCHEMA; missing ones become null."""
-    by_name = {column.strip().lstrip("\ufeff").lower(): column for column in reversed(frame.columns)}
+def align_to_reference(frame: DataFrame, source: str, *extra: Column) -> DataFrame:
+    """Rename, cast and order columns as REFERENCE_SCHEMA (missing ones become null), then ``extra``."""
+    by_name = {
+        column.strip().lstrip("\ufeff").lower(): column for column in reversed(frame.columns) if column != _CORRUPT
+    }
     matched = {
         target: next((by_name[name] for name in names if name in by_name), None)
         for target, names in HEADER_NAMES.items()
     }
     if matched["URL"] is None:
         raise DedupInputError(
-            f"input file {source} has no URL column (columns: {', '.join(frame.columns)}); "
+            f"input file {source} has no URL column (columns: {', '.join(c for c in frame.columns if c != _CORRUPT)}); "
             "expected a column named URL or url"
         )
-    return frame.select([_cast(frame, matched[field.name], field) for field in REFERENCE_SCHEMA])
+    return frame.select(*[_cast(frame, matched[field.name], field) for field in REFERENCE_SCHEMA], *extra)
 
 
 def _cast(frame: DataFrame, column: str | None, field: StructField) -> Column:
@@ -225,21 +297,76 @@ def _cast(frame: DataFrame, column: str | None, field: StructField) -> Column:
     return cast.alias(field.name)
 
 
-def tag_rows(spark: SparkSession, files: Sequence[InputFile]) -> DataFrame:
-    """All input rows, with the index of their file and whether their URL is http(s)."""
-    frames = [read_file(spark, file).withColumn(_FILE_INDEX, F.lit(i)) for i, file in enumerate(files)]
+def tag_rows(frames: Sequence[DataFrame], policy: RowPolicy) -> DataFrame:
+    """All input rows, each with its file index and ``_reason``: why it is invalid, or null."""
+    if not frames:
+        raise DedupInputError("no input file holds any row")
     rows = frames[0]
     for frame in frames[1:]:
         rows = rows.unionByName(frame)
-    valid = F.coalesce(F.col("URL").rlike("(?i)^https?://"), F.lit(False))
-    return rows.withColumn(_VALID, valid)
+    url, text = F.col("URL"), F.col("TEXT")
+    # Spark decodes invalid UTF-8 as U+FFFD, the replacement character.
+    replaced = F.coalesce(url.contains("\ufffd"), F.lit(False)) | F.coalesce(text.contains("\ufffd"), F.lit(False))
+    reason = (
+        F.when(url.isNull() | (F.trim(url) == ""), "missing_url")
+        .when(~url.rlike("(?i)^https?://[^\\s/]+"), "non_http_url")
+        .when(F.col(_MALFORMED), "wrong_column_count")
+        .when(text.isNull() | (F.trim(text) == ""), "missing_caption")
+        .when(replaced, "invalid_utf8")
+    )
+    if policy.long_captions == "reject":
+        reason = reason.when(F.length(text) > policy.max_caption_length, "caption_too_long")
+    return rows.withColumn(_REASON, reason)
 
 
-def count_rows(rows: DataFrame) -> dict[int, tuple[int, int]]:
-    """file index -> (rows, rows without an http(s) URL); files without rows are absent."""
-    invalid = F.sum(F.when(F.col(_VALID), 0).otherwise(1))
-    counted = rows.groupBy(_FILE_INDEX).agg(F.count(F.lit(1)).alias("rows"), invalid.alias("invalid"))
-    return {row[_FILE_INDEX]: (row["rows"], row["invalid"]) for row in counted.collect()}
+def valid_rows(rows: DataFrame, policy: RowPolicy) -> DataFrame:
+    """The rows without a reason, captions cut to the bound when the policy truncates."""
+    valid = rows.where(F.col(_REASON).isNull())
+    if policy.long_captions == "truncate":
+        valid = valid.withColumn("TEXT", F.substring("TEXT", 1, policy.max_caption_length))
+    return valid
+
+
+def count_truncated(rows: DataFrame, policy: RowPolicy) -> int:
+    if policy.long_captions != "truncate":
+        return 0
+    too_long = F.col(_REASON).isNull() & (F.length("TEXT") > policy.max_caption_length)
+    return rows.where(too_long).count()
+
+
+def count_rows(rows: DataFrame) -> dict[tuple[int, str | None], int]:
+    """(file index, reason or None) -> rows."""
+    counted = rows.groupBy(_FILE_INDEX, _REASON).count()
+    return {(row[_FILE_INDEX], row[_REASON]): row["count"] for row in counted.collect()}
+
+
+def write_rejected_sample(rows: DataFrame, files: Sequence[InputFile], work_dir: str) -> str:
+    """Up to REJECTED_SAMPLE_PER_REASON rejected rows per reason, with their file, as parquet."""
+    from pyspark.sql.window import Window
+
+    rank = F.row_number().over(Window.partitionBy(_REASON).orderBy(_FILE_INDEX, "URL", "TEXT"))
+    sample = (
+        rows.where(F.col(_REASON).isNotNull())
+        .withColumn("_rank", rank)
+        .where(F.col("_rank") <= REJECTED_SAMPLE_PER_REASON)
+        .select(
+            F.col(_REASON).alias("reason"),
+            _FILE_INDEX,
+            F.substring("URL", 1, 2000).alias("URL"),
+            F.substring("TEXT", 1, 2000).alias("TEXT"),
+        )
+        .toPandas()
+    )
+    sample.insert(1, "file", [files[i].name for i in sample.pop(_FILE_INDEX)])
+    path = os.path.join(work_dir, "rejected.parquet")
+    sample.sort_values(["reason", "file", "URL"], na_position="first").to_parquet(path, index=False)
+    return path
+
+
+def set_aside(fs: AbstractFileSystem, root: str, name: str) -> None:
+    """Move a bad input file to ``<input>/_rejected/``, which later runs do not read."""
+    fs.makedirs(f"{root}/{REJECTED_DIR}", exist_ok=True)
+    fs.mv(f"{root}/{name}", f"{root}/{REJECTED_DIR}/{name}")
 
 
 def drop_duplicates(rows: DataFrame) -> DataFrame:
@@ -298,17 +425,19 @@ def write_parts(rows: DataFrame, work_dir: str, partitions: int) -> list[str]:
     return parts
 
 
-def publish(out_fs: AbstractFileSystem, out_root: str, parts: Sequence[str]) -> None:
+def publish(out_fs: AbstractFileSystem, out_root: str, parts: Sequence[str], rejected_sample: str) -> None:
     """Move (local) or upload (remote) the parts to their stable names and drop stale ones."""
     stats_path = f"{out_root}/{STATS_FILE}"
     if out_fs.exists(stats_path):
         out_fs.rm_file(stats_path)  # the output is incomplete until the new stats land
-    for part in parts:
-        destination = f"{out_root}/{Path(part).name}"
+    out_fs.makedirs(f"{out_root}/{REJECTED_DIR}", exist_ok=True)
+    moves = [(part, f"{out_root}/{Path(part).name}") for part in parts]
+    moves.append((rejected_sample, f"{out_root}/{REJECTED_DIR}/{Path(rejected_sample).name}"))
+    for local, destination in moves:
         if isinstance(out_fs, LocalFileSystem):
-            os.replace(part, destination)
+            os.replace(local, destination)
         else:
-            out_fs.put_file(part, destination)
+            out_fs.put_file(local, destination)
     names = {Path(part).name for part in parts}
     for stale in out_fs.glob(f"{out_root}/part-*.parquet"):
         if Path(stale).name not in names:

@@ -31,6 +31,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="folder for the parts and _stats.json (path or URL)")
     parser.add_argument("--partitions", required=True, type=_positive_int, help="number of output parts")
     parser.add_argument("--seed", type=int, default=0, help="seed of the deterministic shuffle")
+    parser.add_argument("--max-caption-length", type=_positive_int, default=4096, help="longest caption kept whole")
+    parser.add_argument("--long-captions", choices=("truncate", "reject"), default="truncate")
+    parser.add_argument("--bad-files", choices=("fail", "skip"), default="fail",
+                        help="a file that is not CSV/parquet or has no URL column: fail, or move it aside")
     return parser.parse_args(argv)
 
 
@@ -83,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spark = build_spark(args.partitions)
     try:
-        stats = dedup.run(spark, args.input, args.output, args.partitions, seed=args.seed)
+        policy = dedup.RowPolicy(args.max_caption_length, args.long_captions, args.bad_files)
+        stats = dedup.run(spark, args.input, args.output, args.partitions, seed=args.seed, policy=policy)
     except dedup.DedupInputError as error:
         log.error("Dedup failed: %s", error)
         return 2

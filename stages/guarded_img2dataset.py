@@ -40,6 +40,10 @@ def guarded_download_image_with_retry(
             return key, io.BytesIO(body), None
         except FetchRefused as refused:
             reason = str(refused)
+        except Exception as error:  # noqa: BLE001 - see below
+            # An exception escaping here would end img2dataset's shard loop while its
+            # feeder thread waits on a semaphore: the worker would hang for ever.
+            reason = f"download_error: {type(error).__name__}"
     return key, None, reason
 
 

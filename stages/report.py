@@ -52,7 +52,12 @@ def build_report(output_root: str, stage_numbers: dict[str, list[dict[str, Any]]
     return {
         "run": run,
         "stages": stage_durations(stage_numbers),
-        "dedup": {k: dedup[k] for k in ("rows_in", "rows_invalid", "rows_out", "partitions")},
+        "dedup": {
+            **{k: dedup[k] for k in ("rows_in", "rows_invalid", "rows_out", "partitions")},
+            "rows_invalid_by_reason": dedup.get("rows_invalid_by_reason", {}),
+            "captions_truncated": dedup.get("captions_truncated", 0),
+            "files_rejected": dedup.get("files_rejected", []),
+        },
         "download": download,
         "embeddings": {k: embeddings.get(k) for k in ("count", "dim", "device", "clip_model", "samples_per_second")},
         "index": index_summary,
@@ -96,6 +101,9 @@ def render_html(report: dict[str, Any]) -> str:
         f'<td>{i["size_bytes"]:,}</td><td>{i["recall_at_10"]}</td></tr>'
         for name, i in report["index"].items()
     )
+    rejected = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in report["dedup"].get("rows_invalid_by_reason", {}).items()
+    ) or "<tr><td colspan=2>none</td></tr>"
     run = html.escape(str(report["run"].get("run_id", "")))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>laion_pipeline report {run}</title>
@@ -110,6 +118,8 @@ table{{border-collapse:collapse;margin:.5em 0}} td,th{{border:1px solid #ddd;pad
 {stages}
 <h2>Samples through the pipeline</h2>
 {funnel}
+<h2>Rejected metadata rows</h2>
+<table><tr><th>reason</th><th>rows</th></tr>{rejected}</table>
 <h2>Downloads</h2>
 <p>success rate {report["download"]["success_rate"]}, {report["download"]["bytes"]:,} bytes of tars</p>
 <table><tr><th>failure reason</th><th>samples</th></tr>{errors}</table>

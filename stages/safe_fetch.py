@@ -240,6 +240,7 @@ def _get(
     if parts.query:
         path += "?" + parts.query
     conn.request("GET", path, headers={"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.5"})
+    sock = conn.sock  # getresponse() drops conn.sock when the server closes after the response
     response = conn.getresponse()
     if response.status != 200:
         return response.status, response.headers, b""
@@ -253,7 +254,7 @@ def _get(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise FetchRefused("download_time_limit")
-        conn.sock.settimeout(min(timeout, remaining))
+        sock.settimeout(min(timeout, remaining))
         # read1: at most one socket read, so a trickling server cannot hold us past the deadline.
         chunk = response.read1(CHUNK)
         if not chunk:

@@ -42,6 +42,8 @@ def test_download_counts_match_the_sample_web(finished: Any) -> None:
     assert download["failed_to_download"] == expected["failed_to_download"]
     assert download["failed_to_resize"] == expected["failed_to_resize"]
     assert sum(download["errors"].values()) == expected["failed_to_download"] + expected["failed_to_resize"]
+    kinds = {b["kind"] for b in expected["broken_urls"]}
+    assert {"http_404", "html_body"} <= set(download["errors"]) and kinds == {"not_found", "html", "truncated"}
 
 
 def test_every_sample_has_image_caption_and_json_and_a_unique_key(finished: Any) -> None:

@@ -7,8 +7,14 @@ checks that every artifact lands in the bucket and that the secret shows in no o
 from __future__ import annotations
 
 import json
+import os
 import socket
-from typing import Any
+import sqlite3
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
@@ -36,6 +42,26 @@ def s3_endpoint() -> Any:
     server.stop()
 
 
+@contextmanager
+def captured_output(path: Path) -> Iterator[None]:
+    """Everything written to this process's stdout and stderr (the run's task logs) into ``path``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "wb") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
 @pytest.fixture(scope="module")
 def s3_run(airflow_db: str, sample_web: Any, clip_model: str, run: Any, conf_for: Any, s3_endpoint: str) -> Any:
     import boto3
@@ -53,15 +79,17 @@ def s3_run(airflow_db: str, sample_web: Any, clip_model: str, run: Any, conf_for
         patch.setenv("AIRFLOW_CONN_LAION_TEST_S3", json.dumps(connection))
         web, expected, _ = sample_web
         conf = {**conf_for(web, "unused", clip_model), "output_root": f"s3://{BUCKET}/run", "storage_conn_id": "laion_test_s3"}
-        run(conf)
+        log = Path(tempfile.mkdtemp(prefix="laion-s3-run-")) / "run.log"
+        with captured_output(log):
+            run(conf)
     import s3fs
 
     fs = s3fs.S3FileSystem(key=KEY, secret=SECRET, client_kwargs={"endpoint_url": s3_endpoint, "region_name": "us-east-1"})
-    return fs, expected
+    return fs, expected, log
 
 
 def test_report_on_s3_matches_the_sample_web(s3_run: Any) -> None:
-    fs, expected = s3_run
+    fs, expected, _ = s3_run
     report = json.loads(fs.cat(f"{BUCKET}/run/report/report.json"))
     assert report["dedup"]["rows_out"] == expected["rows_out"]
     assert report["download"]["successes"] == expected["successes"]
@@ -70,7 +98,7 @@ def test_report_on_s3_matches_the_sample_web(s3_run: Any) -> None:
 
 
 def test_every_artifact_is_in_the_bucket(s3_run: Any) -> None:
-    fs, _ = s3_run
+    fs, _, _ = s3_run
     root = f"{BUCKET}/run"
     assert fs.glob(f"{root}/raw/*")
     assert len(fs.glob(f"{root}/dedup/part-*.parquet")) == 2 and fs.exists(f"{root}/dedup/_stats.json")
@@ -83,7 +111,20 @@ def test_every_artifact_is_in_the_bucket(s3_run: Any) -> None:
 
 
 def test_the_secret_appears_in_no_artifact(s3_run: Any) -> None:
-    fs, _ = s3_run
+    fs, _, _ = s3_run
     for path in fs.find(f"{BUCKET}/run"):
         if path.endswith((".json", ".html", ".parquet")):
             assert SECRET.encode() not in fs.cat(path), path
+
+
+def test_the_secret_appears_in_no_log_xcom_or_rendered_field(s3_run: Any, airflow_db: str) -> None:
+    _, _, log = s3_run
+    text = log.read_text(errors="replace")
+    assert "laion_pipeline" in text and "spark-submit" in text  # the task logs were captured
+    assert SECRET not in text
+    with sqlite3.connect(Path(airflow_db) / "airflow.db") as db:
+        tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            for row in db.execute(f'SELECT * FROM "{table}"'):
+                assert SECRET not in repr(row), f"secret found in table {table}"
+    assert "xcom" in tables and "rendered_task_instance_fields" in tables

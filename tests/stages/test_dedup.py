@@ -46,7 +46,7 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]], 
 
 
 def write_raw(raw: Path) -> None:
-    """Four files with 16 rows: 4 without an http(s) URL, 4 duplicates, 8 to keep."""
+    """Four files with 16 rows: 4 without an http(s) URL, 2 without a caption, 3 duplicates, 7 to keep."""
     raw.mkdir(parents=True)
     full = ["SAMPLE_ID", "URL", "TEXT", "HEIGHT", "WIDTH", "LICENSE", "NSFW", "similarity"]
     write_csv(raw / "a.csv", full, [
@@ -109,8 +109,9 @@ def test_stats_count_every_row(raw: Path, deduped: tuple[Path, dict[str, Any]]) 
     on_disk = json.loads((output / "_stats.json").read_text())
     assert on_disk == stats
     assert {key: stats[key] for key in ("rows_in", "rows_invalid", "rows_out", "partitions", "seed")} == {
-        "rows_in": 16, "rows_invalid": 4, "rows_out": 8, "partitions": 3, "seed": 7,
+        "rows_in": 16, "rows_invalid": 6, "rows_out": 7, "partitions": 3, "seed": 7,
     }  # fmt: skip
+    assert stats["rows_invalid_by_reason"] == {"missing_caption": 2, "missing_url": 2, "non_http_url": 2}
     assert stats["parts"] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     assert stats["files"] == [
         {"name": "a.csv", "rows": 6, "format": "csv", "delimiter": "|"},
@@ -124,7 +125,7 @@ def test_stats_count_every_row(raw: Path, deduped: tuple[Path, dict[str, Any]]) 
 
 def test_output_is_exactly_n_parts_with_the_reference_schema(deduped: tuple[Path, dict[str, Any]]) -> None:
     output, stats = deduped
-    assert sorted(path.name for path in output.iterdir()) == ["_stats.json", *stats["parts"]]
+    assert sorted(path.name for path in output.iterdir()) == ["_rejected", "_stats.json", *stats["parts"]]
     for name in stats["parts"]:
         assert column_types(output / name) == REFERENCE_COLUMNS
 
@@ -133,7 +134,7 @@ def test_rows_are_aligned_deduplicated_and_cast(deduped: tuple[Path, dict[str, A
     output, stats = deduped
     rows = read_parts([output / name for name in stats["parts"]]).to_pylist()
     by_key = {(row["URL"], row["TEXT"]): row for row in rows}
-    assert len(by_key) == len(rows) == 8
+    assert len(by_key) == len(rows) == 7
     assert set(by_key) == {
         ("http://x.org/1.jpg", CAT),
         ("http://x.org/1.jpg", "a different caption"),
@@ -141,7 +142,6 @@ def test_rows_are_aligned_deduplicated_and_cast(deduped: tuple[Path, dict[str, A
         ("HTTP://X.org/4.jpg", "upper"),
         ("https://x.org/5.jpg", "hello, world"),
         ("https://x.org/6.jpg", "tab\tinside"),
-        ("https://x.org/7.jpg", None),
         ("http://x.org/8.jpg", "from parquet"),
     }
     # duplicates keep the row of the first file by name; unparseable numbers became null
@@ -152,7 +152,6 @@ def test_rows_are_aligned_deduplicated_and_cast(deduped: tuple[Path, dict[str, A
     assert by_key[("http://x.org/1.jpg", CAT)]["SAMPLE_ID"] == 1
     five = by_key[("https://x.org/5.jpg", "hello, world")]
     assert (five["WIDTH"], five["HEIGHT"], five["LICENSE"], five["NSFW"]) == (12, 7, None, None)
-    assert by_key[("https://x.org/7.jpg", None)]["similarity"] == 0.6
     assert by_key[("http://x.org/8.jpg", "from parquet")]["HEIGHT"] == 64
 
 
@@ -160,11 +159,11 @@ def test_rerun_with_unchanged_input_is_skipped(
     spark: SparkSession, raw: Path, deduped: tuple[Path, dict[str, Any]], caplog: pytest.LogCaptureFixture
 ) -> None:
     output, stats = deduped
-    before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in output.iterdir()}
+    before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in output.rglob("*") if path.is_file()}
     with caplog.at_level(logging.INFO, logger="stages.dedup"):
         again = dedup.run(spark, str(raw), str(output), partitions=3, seed=7)
     assert again == stats
-    assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in output.iterdir()} == before
+    assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in output.rglob("*") if path.is_file()} == before
     assert "Skipping dedup" in caplog.text
 
 
@@ -187,7 +186,7 @@ def test_empty_parts_keep_the_schema_and_stale_parts_go(spark: SparkSession, tmp
     assert len(list(output.glob("part-*.parquet"))) == 5
     assert all(column_types(part) == REFERENCE_COLUMNS for part in output.glob("part-*.parquet"))
     stats = dedup.run(spark, str(raw), str(output), partitions=2)
-    assert sorted(path.name for path in output.iterdir()) == ["_stats.json", *stats["parts"]]
+    assert sorted(path.name for path in output.iterdir()) == ["_rejected", "_stats.json", *stats["parts"]]
     rows = read_parts([output / name for name in stats["parts"]]).num_rows
     assert rows == stats["rows_out"] == stats["rows_in"] - stats["rows_invalid"]
 
@@ -269,8 +268,66 @@ def test_s3_input_and_output(spark: SparkSession, s3: fsspec.AbstractFileSystem,
         s3.put_file(str(path), f"laion/raw/{path.name}")
     stats = dedup.run(spark, "s3://laion/raw", "s3://laion/dedup", partitions=2)
     s3.invalidate_cache()
-    assert sorted(s3.ls("laion/dedup")) == ["laion/dedup/_stats.json", *(f"laion/dedup/{p}" for p in stats["parts"])]
+    assert sorted(s3.ls("laion/dedup")) == [
+        "laion/dedup/_rejected", "laion/dedup/_stats.json", *(f"laion/dedup/{p}" for p in stats["parts"])
+    ]
+    assert s3.exists("laion/dedup/_rejected/rejected.parquet")
     assert json.loads(s3.cat_file("laion/dedup/_stats.json")) == stats
-    assert (stats["rows_in"], stats["rows_invalid"], stats["rows_out"]) == (16, 4, 8)
+    assert (stats["rows_in"], stats["rows_invalid"], stats["rows_out"]) == (16, 6, 7)
     tables = [pq.read_table(io.BytesIO(s3.cat_file(f"laion/dedup/{name}"))) for name in stats["parts"]]
-    assert sum(table.num_rows for table in tables) == 8
+    assert sum(table.num_rows for table in tables) == 7
+
+
+def test_hostile_metadata_is_counted_by_reason_and_no_good_row_is_lost(spark: SparkSession, tmp_path: Path) -> None:
+    """Good rows mixed into every kind of bad file all reach the output; each bad row has a reason."""
+    raw, output = tmp_path / "raw", tmp_path / "dedup"
+    raw.mkdir()
+    good = [(f"http://good.example/{i}.jpg", f"good caption {i}") for i in range(8)]
+    header = "SAMPLE_ID|URL|TEXT|HEIGHT|WIDTH|similarity\n"
+    (raw / "columns.csv").write_bytes((
+        header
+        + f"1|{good[0][0]}|{good[0][1]}|0|39580|6016\n"          # extreme but valid numbers
+        + "2|http://bad.example/a.jpg|too few\n"                  # wrong column count
+        + "3|http://bad.example/b.jpg|too many|1|1|0.3|x|y\n"     # wrong column count
+        + f'4|{good[1][0]}|"{good[1][1]} | with ""quotes""\nand a newline"|1|1|0.3\n'
+        + "5|http://bad.example/c.jpg||1|1|0.3\n"                 # missing caption
+        + "garbage|not a url|x|y|z|w\n"                           # garbage fields
+    ).encode())  # fmt: skip
+    (raw / "utf8.csv").write_bytes(
+        header.encode() + f"6|{good[2][0]}|{good[2][1]}|1|1|0.3\n".encode() + b"7|http://bad.example/d.jpg|caf\xe9 \xff|1|1|0.3\n"
+    )
+    huge = "x" * 2_000_000
+    (raw / "long.csv").write_text(header + f"8|{good[3][0]}|{good[3][1]}|1|1|0.3\n9|http://bad.example/e.jpg|{huge}|1|1|0.3\n")
+    (raw / "empty.csv").write_bytes(b"")
+    (raw / "header-only.csv").write_text(header)
+    write_csv(raw / "rest.csv", ["URL", "TEXT"], [list(g) for g in good[4:]])
+    stats = dedup.run(spark, str(raw), str(output), partitions=2, policy=dedup.RowPolicy(max_caption_length=1000, long_captions="reject"))
+    kept = read_parts([output / name for name in stats["parts"]]).to_pylist()
+    urls = {row["URL"] for row in kept}
+    assert {url for url, _ in good} <= urls and not any("bad.example" in u for u in urls)
+    assert stats["rows_invalid_by_reason"] == {
+        "wrong_column_count": 2, "missing_caption": 1, "non_http_url": 1, "invalid_utf8": 1, "caption_too_long": 1,
+    }  # fmt: skip
+    assert stats["rows_in"] == len(good) + 6 and stats["rows_out"] == len(good)
+    rejected = pq.read_table(output / "_rejected" / "rejected.parquet").to_pylist()
+    assert sorted(r["reason"] for r in rejected) == sorted(
+        ["wrong_column_count"] * 2 + ["missing_caption", "non_http_url", "invalid_utf8", "caption_too_long"]
+    )
+    assert all(len(r["TEXT"] or "") <= 2000 for r in rejected)
+    truncating = dedup.run(spark, str(raw), str(tmp_path / "dedup2"), partitions=2, policy=dedup.RowPolicy(max_caption_length=1000))
+    assert truncating["captions_truncated"] == 1 and truncating["rows_out"] == len(good) + 1
+
+
+def test_bad_files_can_be_moved_aside_and_reported(spark: SparkSession, tmp_path: Path) -> None:
+    raw, output = tmp_path / "raw", tmp_path / "dedup"
+    raw.mkdir()
+    write_csv(raw / "good.csv", ["URL", "TEXT"], [["http://x.org/a.jpg", "a"]])
+    write_csv(raw / "links.csv", ["link", "caption"], [["http://x.org/b.jpg", "b"]])
+    (raw / "cat.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    stats = dedup.run(spark, str(raw), str(output), partitions=1, policy=dedup.RowPolicy(bad_files="skip"))
+    assert stats["rows_out"] == 1
+    assert sorted(f["name"] for f in stats["files_rejected"]) == ["cat.png", "links.csv"]
+    assert "link, caption" in next(f["error"] for f in stats["files_rejected"] if f["name"] == "links.csv")
+    assert sorted(p.name for p in (raw / "_rejected").iterdir()) == ["cat.png", "links.csv"]
+    again = dedup.run(spark, str(raw), str(output), partitions=1, policy=dedup.RowPolicy(bad_files="skip"))
+    assert again == stats

@@ -79,9 +79,10 @@ def test_report_html_escapes_what_it_shows() -> None:
         "run": {"run_id": "<script>"},
         "stages": [{"name": "dedup", "duration_s": 1.0}],
         "funnel": [{"step": "raw rows", "count": 3}],
+        "dedup": {"rows_invalid_by_reason": {"<i>": 2}},
         "download": {"errors": {"<b>bad</b>": 1}, "shards": [], "success_rate": 0.5, "bytes": 0},
         "embeddings": {"count": 1, "dim": 2, "clip_model": "m", "device": "cpu"},
         "index": {},
     }
     page = render_html(report)
-    assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;b&gt;bad&lt;/b&gt;" in page
+    assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;b&gt;bad&lt;/b&gt;" in page and "&lt;i&gt;" in page
