@@ -48,14 +48,16 @@ def captured_output(path: Path) -> Iterator[None]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(path, "wb") as sink:
+    streams = sys.stdout, sys.stderr
+    with open(path, "wb") as sink, open(sink.fileno(), "w", closefd=False, buffering=1) as text:
         os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
+        sys.stdout = sys.stderr = text  # Python-level writers (pytest swaps these for its capture)
         try:
             yield
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            text.flush()
+            sys.stdout, sys.stderr = streams
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])
