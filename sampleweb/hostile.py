@@ -36,12 +36,16 @@ def bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
 
 
 class HostileServer:
-    """``with HostileServer() as s: s.url("/trickle.jpg")``; ``s.requests`` counts paths."""
+    """``with HostileServer() as s: s.url("/trickle.jpg")``.
+
+    ``s.requests`` counts requests by path, ``s.requests_by_url`` by path and query.
+    """
 
     def __init__(self, *, trickle_seconds: float = 60.0, oversized_bytes: int = 8 * 1024 * 1024) -> None:
         self.trickle_seconds = trickle_seconds
         self.oversized_bytes = oversized_bytes
         self.requests: Counter[str] = Counter()
+        self.requests_by_url: Counter[str] = Counter()
         self.redirect_target = ""
         self.good = jpeg_bytes()
         self._lock = threading.Lock()
@@ -64,8 +68,9 @@ class HostileServer:
         self._server.shutdown()
         self._server.server_close()
 
-    def _count(self, path: str) -> int:
+    def _count(self, path: str, full: str) -> int:
         with self._lock:
+            self.requests_by_url[full] += 1
             self.requests[path] += 1
             return self.requests[path]
 
@@ -80,7 +85,7 @@ class HostileServer:
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 path = self.path.split("?", 1)[0]
-                seen = server._count(path)
+                seen = server._count(path, self.path)
                 route: Callable[[int], None] | None = ROUTES.get(path)
                 try:
                     if route is None:

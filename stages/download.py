@@ -116,16 +116,27 @@ def current_parts(dedup_stats: dict[str, Any]) -> list[str]:
 
 
 def claim_folder(output_folder: str, dedup_version: str) -> None:
-    """Empty ``output_folder`` if its shards come from another dedup version, then mark it."""
+    """Prepare ``output_folder`` for (more) shards of ``dedup_version``.
+
+    Shards of another dedup version are removed; so is what a killed run left half-written
+    in ``_partial/`` (img2dataset redoes every shard without a ``_stats.json``).
+    """
+    from stages.guarded_img2dataset import PARTIAL_DIR
+
     marker = storage.join(output_folder, VERSION_FILE)
     fs, path = url_to_fs(output_folder)
+    partial = posixpath.join(path, PARTIAL_DIR)
     if fs.exists(path):
         found = fs.cat_file(url_to_fs(marker)[1]).decode() if storage.exists(marker) else None
-        if found == dedup_version:
-            return
-        log.info("Removing shards of %s: made from dedup version %s, now %s", output_folder, found, dedup_version)
-        fs.rm(path, recursive=True)
-    storage.write_text(marker, dedup_version)
+        if found != dedup_version:
+            log.info("Removing shards of %s: made from dedup version %s, now %s", output_folder, found, dedup_version)
+            fs.rm(path, recursive=True)
+        elif fs.exists(partial):
+            log.info("Removing unfinished shards left in %s", partial)
+            fs.rm(partial, recursive=True)
+    if not storage.exists(marker):
+        storage.write_text(marker, dedup_version)
+    fs.makedirs(partial, exist_ok=True)
 
 
 def img2dataset_arguments(part_url: str, output_folder: str, settings: DownloadSettings) -> dict[str, Any]:

@@ -1,11 +1,15 @@
-"""img2dataset with :mod:`stages.safe_fetch` in place of its urllib fetch.
+"""img2dataset with :mod:`stages.safe_fetch` in place of its urllib fetch, and shards that
+appear under their final names only when complete.
 
 img2dataset has no hook for how an image is fetched: ``Downloader.download_shard`` calls
 the module function ``img2dataset.downloader.download_image_with_retry``. Shards are
 downloaded in worker processes that receive the Downloader by pickle, so the subclass
 below carries the :class:`FetchPolicy` there and swaps that one function in the worker
-before each shard. Everything else -- sharding, resizing, writing, stats -- is
-img2dataset's own.
+before each shard. img2dataset also opens ``<shard>.tar`` under its final name and
+writes into it for the whole shard, so a killed worker leaves a truncated tar that looks
+finished; :class:`AtomicWebDatasetWriter` writes under ``_partial/`` and moves the tar and
+parquet into place on close, before img2dataset writes the shard's ``_stats.json``.
+Everything else -- sharding, resizing, stats -- is img2dataset's own.
 """
 
 from __future__ import annotations
@@ -15,11 +19,29 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from fsspec.core import url_to_fs
 from img2dataset import downloader as img2dataset_downloader
+from img2dataset import writer as img2dataset_writer
 
 from stages.safe_fetch import FetchPolicy, FetchRefused, fetch_image
 
 _policy: FetchPolicy | None = None
+PARTIAL_DIR = "_partial"
+
+
+class AtomicWebDatasetWriter(img2dataset_writer.WebDatasetSampleWriter):
+    """img2dataset's webdataset writer, writing in ``_partial/`` and publishing on close."""
+
+    def __init__(self, shard_id: int, output_folder: str, *args: Any, **kwargs: Any) -> None:
+        self.final_folder = output_folder
+        super().__init__(shard_id, f"{output_folder}/{PARTIAL_DIR}", *args, **kwargs)
+        self.shard_name = f"{shard_id:0{self.oom_shard_count}d}"
+
+    def close(self) -> None:
+        super().close()
+        fs, final = url_to_fs(self.final_folder)
+        for suffix in (".parquet", ".tar"):
+            fs.mv(f"{final}/{PARTIAL_DIR}/{self.shard_name}{suffix}", f"{final}/{self.shard_name}{suffix}")
 
 
 def guarded_download_image_with_retry(
@@ -61,7 +83,7 @@ class GuardedDownloader(img2dataset_downloader.Downloader):
 
 @contextmanager
 def guarded_downloads(policy: FetchPolicy) -> Iterator[None]:
-    """Within the block, ``img2dataset.download`` builds a GuardedDownloader with ``policy``."""
+    """Within the block, ``img2dataset.download`` fetches through ``policy`` and writes atomically."""
     img2dataset_main = sys.modules["img2dataset.main"]
 
     def build(*args: Any, **kwargs: Any) -> GuardedDownloader:
@@ -69,9 +91,10 @@ def guarded_downloads(policy: FetchPolicy) -> Iterator[None]:
         downloader.fetch_policy = policy  # an instance attribute: pickled to the workers
         return downloader
 
-    original = img2dataset_main.Downloader
+    originals = img2dataset_main.Downloader, img2dataset_main.WebDatasetSampleWriter
     img2dataset_main.Downloader = build
+    img2dataset_main.WebDatasetSampleWriter = AtomicWebDatasetWriter
     try:
         yield
     finally:
-        img2dataset_main.Downloader = original
+        img2dataset_main.Downloader, img2dataset_main.WebDatasetSampleWriter = originals
