@@ -51,8 +51,8 @@ def expand_sources(metadata_urls: list[str]) -> list[Source]:
             raise FileNotFoundError(f"metadata source {entry!r} matches no file")
         for p in paths:
             full = p if url.startswith(("http://", "https://")) else _unstrip(fs, p)
-            sources.append(Source(url=full, name=posixpath.basename(p.split("?")[0]), size=_size(fs, p)))
-    return _unique_names(sources)
+            sources.append(Source(url=full, name=raw_name(full), size=_size(fs, p)))
+    return sources
 
 
 def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -67,15 +67,10 @@ def _size(fs: fsspec.AbstractFileSystem, path: str) -> int | None:
         return None
 
 
-def _unique_names(sources: list[Source]) -> list[Source]:
-    """Two sources with one basename (a/x.csv, b/x.csv) keep both, prefixed by a URL hash."""
-    counts: dict[str, int] = {}
-    for s in sources:
-        counts[s.name] = counts.get(s.name, 0) + 1
-    return [
-        s if counts[s.name] == 1 else Source(s.url, f"{hashlib.sha1(s.url.encode()).hexdigest()[:8]}-{s.name}", s.size)
-        for s in sources
-    ]
+def raw_name(url: str) -> str:
+    """``<8 hex of the source URL>-<basename>``: two sources never share a name in raw/,
+    and a source fetched again lands on its earlier copy (skipped when the size matches)."""
+    return f"{hashlib.sha1(url.encode()).hexdigest()[:8]}-{posixpath.basename(url.split('?')[0])}"
 
 
 def fetch_metadata(metadata_urls: list[str], raw_dir: str) -> dict:
