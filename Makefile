@@ -18,8 +18,10 @@ export PYSPARK_DRIVER_PYTHON := $(PY)
 export NO_ALBUMENTATIONS_UPDATE := 1
 export LAION_OUTPUT_ROOT ?= $(CURDIR)/data/output
 export AIRFLOW__API__HOST ?= 127.0.0.1
+# The search plugin also offers these output roots (the demo's run may come from another AIRFLOW_HOME).
+export LAION_SEARCH_ROOTS ?= $(CURDIR)/data/demo/output
 
-.PHONY: venv demo test run up clean
+.PHONY: venv demo test run up clean browser
 
 venv: $(VENV)/.installed
 
@@ -34,8 +36,12 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 demo: venv
 	$(PY) scripts/demo.py
 
-test: venv
+test: venv browser
 	$(PY) -m pytest -q tests
+
+# Debian's Chromium for the browser tests (Playwright drives it; no browser is downloaded).
+browser:
+	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 run: venv
 	@test -n "$(CONF)" || (echo "usage: make run CONF=path/to/conf.json" >&2; exit 2)

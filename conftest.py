@@ -40,3 +40,11 @@ def airflow_db() -> str:
     """A migrated SQLite metadata database in the session's AIRFLOW_HOME."""
     subprocess.run([str(VENV_BIN / "airflow"), "db", "migrate"], check=True, capture_output=True, timeout=600)
     return os.environ["AIRFLOW_HOME"]
+
+
+@pytest.fixture(scope="session")
+def demo_clip_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The demo's untrained CLIP weights (see sampleweb/demo_model.py), written once per session."""
+    from sampleweb.demo_model import ensure_demo_weights
+
+    return ensure_demo_weights(tmp_path_factory.mktemp("models") / "demo-vit-s-32.pt")

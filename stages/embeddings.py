@@ -24,6 +24,10 @@ from stages import storage
 log = logging.getLogger(__name__)
 
 MARKER = "_SUCCESS.json"
+PLAN = "_plan.json"  # the partitioning that finished partitions belong to
+DONE = "_done"  # one empty file per finished partition, written after its outputs
+PARTIAL = "_partial"  # where a partition is written before it is moved into place
+OUTPUTS = ("img_emb", "text_emb", "metadata", "stats")
 
 
 def fingerprint(urls: list[str]) -> str:
@@ -62,16 +66,6 @@ def plan_partitions(shards: int, prepro_workers: int, samples: int, samples_per_
     return min(by_workers, by_samples), workers
 
 
-def brace_pattern(urls: list[str]) -> str:
-    """One brace-expansion pattern for a list of URLs: clip-retrieval's main() takes a string."""
-    for url in urls:
-        if set(url) & set("{},\\"):
-            raise ValueError(f"shard path {url!r} holds a character reserved by brace expansion")
-    if len(urls) == 1:
-        return urls[0]
-    return "{" + ",".join(urls) + "}"
-
-
 def _open_with_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> Any:
     return fsspec.open(url, mode).open()
 
@@ -105,37 +99,26 @@ def compute_embeddings(
         return {**done, "skipped": True}
 
     import torch
-    from clip_retrieval.clip_inference.main import main as clip_inference
 
     register_webdataset_schemes()
-    fs, path = url_to_fs(output_folder)
-    for sub in ("img_emb", "text_emb", "metadata", "stats", MARKER):
-        if fs.exists(posixpath.join(path, sub)):
-            fs.rm(posixpath.join(path, sub), recursive=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     partitions, workers = plan_partitions(len(tars), num_prepro_workers, samples, samples_per_partition)
-    log.info("Embedding %d shards with %s on %s", len(tars), clip_model, device)
+    plan = {"input_fingerprint": inputs, "clip_model": clip_model, "partitions": partitions}
+    if storage.read_json_or_none(storage.join(output_folder, PLAN)) != plan:
+        _clear(output_folder)
+        storage.write_json(storage.join(output_folder, PLAN), plan)
+    done = finished_partitions(output_folder)
+    todo = [i for i in range(partitions) if i not in done]
+    log.info(
+        "Embedding %d shards in %d partitions with %s on %s; %d partitions already done",
+        len(tars), partitions, clip_model, device, len(done),
+    )  # fmt: skip
     started = time.monotonic()
-    try:
-        clip_inference(
-            input_dataset=brace_pattern(tars),
-            output_folder=output_folder,
-            input_format="webdataset",
-            enable_text=True,
-            enable_image=True,
-            enable_metadata=True,
-            batch_size=batch_size,
-            num_prepro_workers=workers,
-            clip_model=clip_model,
-            use_jit=False,
-            output_partition_count=partitions,
-            enable_wandb=False,
-        )
-    finally:
-        # clip-retrieval leaves its stats-reader process running when inference raises,
-        # which would keep the task process from ever exiting.
-        for child in multiprocessing.active_children():
-            child.terminate()
+    for partition in todo:
+        embed_partition(
+            partition, tars, output_folder,
+            partitions=partitions, clip_model=clip_model, batch_size=batch_size, num_prepro_workers=workers,
+        )  # fmt: skip
     seconds = time.monotonic() - started
     count, dim = count_embeddings(storage.join(output_folder, "img_emb"))
     text_count, _ = count_embeddings(storage.join(output_folder, "text_emb"))
@@ -153,6 +136,68 @@ def compute_embeddings(
     }
     storage.write_json(marker, numbers)  # last: the stage is done once this exists
     return numbers
+
+
+def _clear(output_folder: str) -> None:
+    fs, path = url_to_fs(output_folder)
+    for sub in (*OUTPUTS, DONE, PARTIAL, PLAN, MARKER):
+        if fs.exists(posixpath.join(path, sub)):
+            fs.rm(posixpath.join(path, sub), recursive=True)
+
+
+def finished_partitions(output_folder: str) -> set[int]:
+    fs, path = url_to_fs(output_folder)
+    return {int(posixpath.basename(p)) for p in fs.glob(posixpath.join(path, DONE, "*"))}
+
+
+def embed_partition(
+    partition: int,
+    tars: list[str],
+    output_folder: str,
+    *,
+    partitions: int,
+    clip_model: str,
+    batch_size: int,
+    num_prepro_workers: int,
+) -> None:
+    """One clip-retrieval partition (its partitioned-worker mode), written aside, then moved.
+
+    clip-retrieval writes its npy and parquet files straight to their final names and has
+    no resume; here a partition's files appear in place only once all are complete, and a
+    ``_done/<partition>`` file then records it, so a rerun skips it.
+    """
+    from clip_retrieval.clip_inference.worker import worker
+
+    fs, path = url_to_fs(output_folder)
+    staging = posixpath.join(path, PARTIAL, str(partition))
+    if fs.exists(staging):
+        fs.rm(staging, recursive=True)
+    staging_url = storage.join(output_folder, PARTIAL, str(partition))
+    try:
+        worker(
+            tasks=[partition],
+            input_dataset=tars,
+            output_folder=staging_url,
+            output_partition_count=partitions,
+            input_format="webdataset",
+            enable_text=True,
+            enable_image=True,
+            enable_metadata=True,
+            batch_size=batch_size,
+            num_prepro_workers=num_prepro_workers,
+            clip_model=clip_model,
+            use_jit=False,
+        )
+    finally:
+        # A DataLoader worker left behind by an exception would keep the task from exiting.
+        for child in multiprocessing.active_children():
+            child.terminate()
+    for sub in OUTPUTS:
+        for produced in fs.glob(posixpath.join(staging, sub, "*")):
+            fs.makedirs(posixpath.join(path, sub), exist_ok=True)
+            fs.mv(produced, posixpath.join(path, sub, posixpath.basename(produced)))
+    storage.write_text(storage.join(output_folder, DONE, str(partition)), "")
+    fs.rm(staging, recursive=True)
 
 
 def count_embeddings(folder: str) -> tuple[int, int]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from stages.download import DownloadSettings, SHARDS_PER_PART, img2dataset_arguments, part_index, summarize_shards
-from stages.embeddings import brace_pattern, plan_partitions
+from stages.embeddings import plan_partitions
 from stages.report import render_html, stage_durations
 
 
@@ -54,13 +54,6 @@ def test_every_partition_gets_a_tar_per_worker(shards: int, workers: int, sample
     partitions, used = plan_partitions(shards, workers, samples, samples_per_partition=10_000)
     assert (partitions, used) == expected
     assert all(len(range(i, shards, partitions)) >= used for i in range(partitions))
-
-
-def test_brace_pattern_rejects_reserved_characters() -> None:
-    assert brace_pattern(["/a/0.tar"]) == "/a/0.tar"
-    assert brace_pattern(["/a/0.tar", "/b/1.tar"]) == "{/a/0.tar,/b/1.tar}"
-    with pytest.raises(ValueError, match="reserved"):
-        brace_pattern(["/a/x,y.tar", "/b.tar"])
 
 
 def test_mapped_stage_duration_is_its_span_not_the_sum() -> None:

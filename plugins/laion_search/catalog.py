@@ -1,0 +1,131 @@
+"""Which finished runs can be searched: laion_pipeline's successful runs, plus LAION_SEARCH_ROOTS.
+
+A run is offered when its ``output_root`` holds ``index/_SUCCESS.json``. Reruns continue the
+dataset under the same root, so one root is offered once, under its newest successful run;
+older runs that wrote the same root resolve to it too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from stages import storage
+
+log = logging.getLogger(__name__)
+
+DAG_ID = "laion_pipeline"
+REPO = Path(__file__).resolve().parents[2]
+SEARCH_ROOTS_ENV = "LAION_SEARCH_ROOTS"
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: str
+    output_root: str
+    source: str  # "airflow": a DagRun of this Airflow; "LAION_SEARCH_ROOTS": a root named by the env
+    end_date: str | None = None
+    storage_conn_id: str | None = None
+    other_run_ids: tuple[str, ...] = field(default=())  # older successful runs that wrote the same root
+
+
+class UnknownRun(LookupError):
+    """No finished run with an index goes by this id."""
+
+
+def default_output_root() -> str:
+    """The DAG's ``output_root`` param default, as dags/laion_pipeline.py computes it."""
+    return os.environ.get("LAION_OUTPUT_ROOT", str(REPO / "data" / "output"))
+
+
+def successful_dag_runs() -> list[dict[str, Any]]:
+    """laion_pipeline's successful runs from the metadata database, newest first."""
+    from sqlalchemy import select
+
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState
+
+    query = (
+        select(DagRun.run_id, DagRun.conf, DagRun.end_date)
+        .where(DagRun.dag_id == DAG_ID, DagRun.state == DagRunState.SUCCESS)
+        .order_by(DagRun.end_date.desc())
+    )
+    with create_session() as session:
+        rows = session.execute(query).all()
+    return [
+        {"run_id": run_id, "conf": conf or {}, "end_date": end.isoformat() if end else None}
+        for run_id, conf, end in rows
+    ]
+
+
+def _same_root(root: str) -> str:
+    return root.rstrip("/") if storage.is_remote(root) else os.path.realpath(root)
+
+
+def _has_index(root: str, conn_id: str | None) -> bool:
+    try:
+        storage.configure_storage(root, conn_id)
+        return storage.exists(storage.join(root, "index", "_SUCCESS.json"))
+    except Exception:  # an unreachable store hides that run, the others stay listed
+        log.warning("Cannot check %s for an index; not offering it", root, exc_info=True)
+        return False
+
+
+def find_runs(dag_runs: list[dict[str, Any]], search_roots: list[str]) -> list[Run]:
+    """The searchable runs: one per output root, the newest successful run first."""
+    runs: dict[str, Run] = {}
+    for dag_run in dag_runs:
+        root = str(dag_run["conf"].get("output_root") or default_output_root())
+        conn_id = dag_run["conf"].get("storage_conn_id") or os.environ.get("LAION_STORAGE_CONN_ID", "laion_storage")
+        same = _same_root(root)
+        if same in runs:
+            known = runs[same]
+            runs[same] = replace(known, other_run_ids=(*known.other_run_ids, dag_run["run_id"]))
+        elif _has_index(root, conn_id):
+            runs[same] = Run(dag_run["run_id"], root, "airflow", dag_run["end_date"], conn_id)
+    for root in search_roots:
+        same = _same_root(root)
+        conn_id = os.environ.get("LAION_STORAGE_CONN_ID", "laion_storage")
+        if same in runs or not _has_index(root, conn_id):
+            continue
+        report = storage.read_json_or_none(storage.join(root, "report", "report.json")) or {}
+        run_id = report.get("run", {}).get("run_id") or os.path.basename(root.rstrip("/"))
+        runs[same] = Run(run_id, root, SEARCH_ROOTS_ENV, None, conn_id)
+    return list(runs.values())
+
+
+def search_roots_from_env() -> list[str]:
+    return [r.strip() for r in os.environ.get(SEARCH_ROOTS_ENV, "").split(",") if r.strip()]
+
+
+class RunCatalog:
+    """The searchable runs, looked up again at most every ``ttl`` seconds or when told to."""
+
+    def __init__(self, ttl: float = 10.0) -> None:
+        self.ttl = ttl
+        self._runs: list[Run] = []
+        self._listed_at = float("-inf")
+
+    def refresh(self) -> None:
+        self._listed_at = float("-inf")
+
+    def runs(self) -> list[Run]:
+        if time.monotonic() - self._listed_at > self.ttl:
+            self._runs = find_runs(successful_dag_runs(), search_roots_from_env())
+            self._listed_at = time.monotonic()
+        return self._runs
+
+    def get(self, run_id: str) -> Run:
+        for attempt in range(2):  # a run that finished a moment ago is not in the cached list yet
+            for run in self.runs():
+                if run_id == run.run_id or run_id in run.other_run_ids:
+                    return run
+            if attempt == 0:
+                self.refresh()
+        known = ", ".join(r.run_id for r in self._runs) or "none"
+        raise UnknownRun(f"no finished {DAG_ID} run {run_id!r} with an index (runs with an index: {known})")

@@ -1,0 +1,86 @@
+"""SIGKILL the embedding stage in the middle of a partition, rerun: finished partitions are
+kept, the rest redone, and the result equals a clean run's."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+EMBED = """
+import json, sys
+from stages.embeddings import compute_embeddings
+tars = json.loads(sys.argv[1])
+compute_embeddings(tars, sys.argv[2], clip_model=sys.argv[3], samples=32, batch_size=8,
+                   num_prepro_workers=1, samples_per_partition=8)
+"""
+
+
+def write_tars(folder: Path) -> list[str]:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    tars = []
+    for shard in range(4):
+        path = folder / f"{shard:05d}.tar"
+        with tarfile.open(path, "w") as archive:
+            for i in range(8):
+                key = f"{shard:05d}{i:04d}"
+                image = io.BytesIO()
+                Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")).save(image, "JPEG")
+                for ext, data in (("jpg", image.getvalue()), ("txt", f"caption {key}".encode()), ("json", b"{}")):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+        tars.append(str(path))
+    return tars
+
+
+def vectors_by_key(folder: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for meta in sorted((folder / "metadata").glob("*.parquet")):
+        suffix = meta.stem.split("_")[-1]
+        keys = pd.read_parquet(meta)["image_path"].tolist()
+        vectors = np.load(folder / "img_emb" / f"img_emb_{suffix}.npy")
+        out.update(zip(keys, vectors))
+    return out
+
+
+def embed(tars: list[str], output: Path, model: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    return subprocess.Popen([sys.executable, "-c", EMBED, json.dumps(tars), str(output), model], env=env, **kwargs)
+
+
+def test_a_killed_embedding_run_resumes_at_partition_granularity(tmp_path: Path, demo_clip_model: str) -> None:
+    tars = write_tars(tmp_path / "tars")
+    killed = tmp_path / "killed"
+    worker = embed(tars, killed, demo_clip_model, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (killed / "_done" / "0").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    done_before = {p.name for p in (killed / "_done").iterdir()}
+    assert "0" in done_before and len(done_before) < 4
+    kept = (killed / "img_emb" / "img_emb_0.npy").stat().st_mtime_ns
+    assert embed(tars, killed, demo_clip_model).wait(timeout=600) == 0
+    assert (killed / "img_emb" / "img_emb_0.npy").stat().st_mtime_ns == kept  # partition 0 not redone
+    assert not (killed / "_partial").exists() or not list((killed / "_partial").iterdir())
+
+    clean = tmp_path / "clean"
+    assert embed(tars, clean, demo_clip_model).wait(timeout=600) == 0
+    resumed, fresh = vectors_by_key(killed), vectors_by_key(clean)
+    assert len(resumed) == 32 and resumed.keys() == fresh.keys()
+    for key in fresh:
+        np.testing.assert_allclose(resumed[key], fresh[key], rtol=1e-4, atol=1e-5)
+    assert json.loads((killed / "_SUCCESS.json").read_text())["count"] == 32
