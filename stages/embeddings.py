@@ -225,15 +225,3 @@ def load_embeddings(folder: str) -> "Any":
         with fs.open(npy, "rb") as f:
             arrays.append(np.load(io.BytesIO(f.read())))
     return np.concatenate(arrays) if arrays else np.zeros((0, 0), dtype="float32")
-
-
-def load_keys(metadata_folder: str) -> list[str]:
-    """Sample keys (``image_path``) in the same order as :func:`load_embeddings`."""
-    import pandas as pd
-
-    fs, path = url_to_fs(metadata_folder)
-    keys: list[str] = []
-    for part in sorted(fs.glob(posixpath.join(path, "*.parquet"))):
-        with fs.open(part, "rb") as f:
-            keys.extend(pd.read_parquet(f, columns=["image_path"])["image_path"].tolist())
-    return keys

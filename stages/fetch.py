@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import posixpath
 import shutil
 import time
@@ -100,6 +99,3 @@ def fetch_metadata(metadata_urls: list[str], raw_dir: str) -> dict:
         "seconds": round(seconds, 3),
     }
 
-
-def local_path(url: str) -> str:
-    return url[len("file://") :] if url.startswith("file://") else os.path.abspath(url) if "://" not in url else url
