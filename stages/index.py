@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 import time
 from typing import Any
 
-from fsspec.core import url_to_fs
 
 from stages import storage
 from stages.embeddings import fingerprint, load_embeddings
@@ -102,7 +100,7 @@ def build_one(
         recall = recall_at_k(index, vectors, queries=recall_queries, k=10, index_param=(infos or {}).get("index_param"))
         size = os.path.getsize(index_path)
         for local in (index_path, infos_path):
-            _publish(local, storage.join(index_folder, os.path.basename(local)))
+            storage.copy(local, storage.join(index_folder, os.path.basename(local)))
     return {
         "index_key": (infos or {}).get("index_key"),
         "index_param": (infos or {}).get("index_param"),
@@ -111,15 +109,6 @@ def build_one(
         "recall_at_10": round(recall, 4),
         "build_seconds": round(seconds, 3),
     }
-
-
-def _publish(local: str, url: str) -> None:
-    if storage.is_remote(url):
-        fs, path = url_to_fs(url)
-        fs.put_file(local, path)
-        return
-    with open(local, "rb") as src, storage.atomic_open(url, "wb") as dst:
-        shutil.copyfileobj(src, dst)
 
 
 def recall_at_k(index: Any, vectors: Any, *, queries: int, k: int, index_param: str | None = None, seed: int = 0) -> float:

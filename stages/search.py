@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -78,18 +77,12 @@ def write_offsets(tar_url: str, table_url: str) -> int:
     return len(members)
 
 
-def _copy(src: str, dst: str) -> None:
-    src_fs, src_path = url_to_fs(src)
-    with src_fs.open(src_path, "rb") as reader, storage.atomic_open(dst, "wb") as writer:
-        shutil.copyfileobj(reader, writer, length=8 << 20)
-
-
 def _replace_folder(sources: list[str], folder: str) -> None:
     fs, path = url_to_fs(folder)
     if fs.exists(path):
         fs.rm(path, recursive=True)
     for src in sources:
-        _copy(src, storage.join(folder, posixpath.basename(src)))
+        storage.copy(src, storage.join(folder, posixpath.basename(src)))
 
 
 def publish_search_files(output_root: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import shutil
 import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -110,6 +111,13 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator[Any]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def copy(src: str, dst: str) -> None:
+    """Copy one file between any two stores; ``dst`` appears only once complete."""
+    src_fs, src_path = url_to_fs(src)
+    with src_fs.open(src_path, "rb") as reader, atomic_open(dst, "wb") as writer:
+        shutil.copyfileobj(reader, writer, length=8 << 20)
 
 
 def write_json(url: str, value: Any) -> None:
