@@ -72,18 +72,24 @@ class DedupOperator(SparkSubmitOperator):
         self.row_policy = row_policy or {}
 
     def execute(self, context: Any) -> dict[str, Any]:
-        storage.configure_storage(str(self.output_root), self.storage_conn_id)
-        policy = self.row_policy
-        self.application_args = dedup_job_args(
-            output_root=str(self.output_root),
-            partitions=int(self.partitions),
-            max_caption_length=int(policy.get("max_caption_length", 4096)),
-            long_captions=str(policy.get("long_captions", "truncate")),
-            bad_files=str(policy.get("bad_files", "fail")),
+        from dataclasses import asdict
+
+        from stages.dedup import RowPolicy, current_output
+
+        root = str(self.output_root)
+        storage.configure_storage(root, self.storage_conn_id)
+        policy = RowPolicy(
+            max_caption_length=int(self.row_policy.get("max_caption_length", 4096)),
+            long_captions=str(self.row_policy.get("long_captions", "truncate")),
+            bad_files=str(self.row_policy.get("bad_files", "fail")),
         )
         started = time.time()
-        super().execute(context)
-        stats = storage.read_json(storage.join(str(self.output_root), "dedup", "_stats.json"))
+        # Already made from these raw files and settings: no Spark application is submitted.
+        stats = current_output(storage.join(root, "raw"), storage.join(root, "dedup"), int(self.partitions), 0, policy)
+        if stats is None:
+            self.application_args = dedup_job_args(output_root=root, partitions=int(self.partitions), **asdict(policy))
+            super().execute(context)
+            stats = storage.read_json(storage.join(root, "dedup", "_stats.json"))
         numbers = {k: v for k, v in stats.items() if k not in ("files", "seconds", "policy")}
         numbers = timed(started, time.time(), {**numbers, "job_seconds": stats.get("seconds")})
         emit_stage_metrics(self.task_id, numbers)

@@ -41,8 +41,11 @@ class HostileServer:
     ``s.requests`` counts requests by path, ``s.requests_by_url`` by path and query.
     """
 
-    def __init__(self, *, trickle_seconds: float = 60.0, oversized_bytes: int = 8 * 1024 * 1024) -> None:
+    def __init__(
+        self, *, trickle_seconds: float = 60.0, oversized_bytes: int = 8 * 1024 * 1024, stall_seconds: float = 5.0
+    ) -> None:
         self.trickle_seconds = trickle_seconds
+        self.stall_seconds = stall_seconds
         self.oversized_bytes = oversized_bytes
         self.requests: Counter[str] = Counter()
         self.requests_by_url: Counter[str] = Counter()
@@ -160,6 +163,30 @@ class HostileServer:
             def noai(self, seen: int) -> None:
                 self.reply(200, server.good, headers={"X-Robots-Tag": "noai"})
 
+            # Transient failures: the first request for each URL (path and query) fails.
+            def first_try(self) -> bool:
+                return server.requests_by_url[self.path] == 1
+
+            def flaky(self, seen: int) -> None:
+                if self.first_try():
+                    self.reply(503, b"try again later", "text/plain")
+                else:
+                    self.reply(200, server.good)
+
+            def reset(self, seen: int) -> None:
+                if self.first_try():
+                    self.close_connection = True  # hang up without an answer
+                else:
+                    self.reply(200, server.good)
+
+            def stall(self, seen: int) -> None:
+                if self.first_try():
+                    time.sleep(server.stall_seconds)
+                self.reply(200, server.good)
+
+            def forbidden(self, seen: int) -> None:
+                self.reply(403, b"forbidden", "text/plain")
+
         ROUTES = {
             "/good.jpg": Handler.good,
             "/trickle.jpg": Handler.trickle,
@@ -174,6 +201,10 @@ class HostileServer:
             "/metadata": Handler.metadata,
             "/busy.jpg": Handler.busy,
             "/noai.jpg": Handler.noai,
+            "/flaky.jpg": Handler.flaky,
+            "/reset.jpg": Handler.reset,
+            "/stall.jpg": Handler.stall,
+            "/forbidden.jpg": Handler.forbidden,
         }
         return Handler
 

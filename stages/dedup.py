@@ -120,17 +120,9 @@ def run(
     in_fs, in_root = fsspec.core.url_to_fs(input_url)
     out_fs, out_root = fsspec.core.url_to_fs(output_url)
     listing = list_input_files(in_fs, in_root, input_url)
-    fingerprint = input_fingerprint(listing)
-    previous = storage.read_json_or_none(storage.join(output_url, STATS_FILE))
+    previous = current_output(input_url, output_url, partitions, seed, policy, listing)
     if previous is not None:
-        done = (previous.get("input_fingerprint"), previous.get("partitions"), previous.get("seed"), previous.get("policy"))
-        if done == (fingerprint, partitions, seed, asdict(policy)):
-            log.info(
-                "Skipping dedup: %s/%s already records input fingerprint %s, %d partitions, seed %d",
-                output_url, STATS_FILE, fingerprint[:12], partitions, seed,
-            )  # fmt: skip
-            return previous
-        log.info("Redoing dedup: %s/%s was made from other input or settings", output_url, STATS_FILE)
+        return previous
 
     with _local_input_dir(in_fs, in_root, listing) as input_dir:
         files, frames, rejected_files = [], [], []
@@ -189,6 +181,34 @@ def run(
         stats["rows_out"], stats["rows_in"], stats["rows_invalid"], output_url, partitions,
     )  # fmt: skip
     return stats
+
+
+def current_output(
+    input_url: str,
+    output_url: str,
+    partitions: int,
+    seed: int,
+    policy: RowPolicy,
+    listing: Sequence[tuple[str, int]] | None = None,
+) -> dict[str, Any] | None:
+    """The ``_stats.json`` under ``output_url`` when it was made from exactly this input and
+    these settings (so the dedup has nothing to do), else None."""
+    if listing is None:
+        fs, root = fsspec.core.url_to_fs(input_url)
+        listing = list_input_files(fs, root, input_url)
+    fingerprint = input_fingerprint(listing)
+    previous = storage.read_json_or_none(storage.join(output_url, STATS_FILE))
+    if previous is None:
+        return None
+    done = (previous.get("input_fingerprint"), previous.get("partitions"), previous.get("seed"), previous.get("policy"))
+    if done != (fingerprint, partitions, seed, asdict(policy)):
+        log.info("Redoing dedup: %s/%s was made from other input or settings", output_url, STATS_FILE)
+        return None
+    log.info(
+        "Skipping dedup: %s/%s already records input fingerprint %s, %d partitions, seed %d",
+        output_url, STATS_FILE, fingerprint[:12], partitions, seed,
+    )  # fmt: skip
+    return previous
 
 
 def list_input_files(fs: AbstractFileSystem, root: str, input_url: str) -> list[tuple[str, int]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import posixpath
 import sys
@@ -27,8 +28,15 @@ STATS_KEYS = ("count", "successes", "failed_to_download", "failed_to_resize")
 # sample keys are unique across the whole dataset, not only within a part's folder.
 SHARDS_PER_PART = 100_000
 SHARD_ID_DIGITS = 10
+# Shards of a retry of failed samples (stages/retry.py) start this far into the part's range.
+RETRY_SHARD_BASE = SHARDS_PER_PART // 2
 # Not *.json: img2dataset reads every *.json in its output folder as a finished shard.
 VERSION_FILE = "_dedup_version.txt"
+# The part's own files that are not shards live in a subfolder img2dataset does not read.
+STATE_DIR = "_state"
+SETTINGS_FILE = "download_settings.json"  # what a retry of failed samples must reuse
+# Columns a retried sample carries: the key and the failure reason of its earlier attempt.
+RETRY_OF, RETRY_REASON = "retry_of", "retry_reason"
 
 
 @dataclass(frozen=True)
@@ -90,19 +98,50 @@ def download_part(part_url: str, output_folder: str, settings: DownloadSettings,
     version of the dedup output (``dedup_version``, its input fingerprint) hold other
     rows: they are removed first, never mixed in.
     """
+    started = time.monotonic()
+    shards = math.ceil(_parquet_rows(part_url) / settings.number_sample_per_shard)
+    if shards > RETRY_SHARD_BASE:
+        raise ValueError(
+            f"dedup part {part_url} needs {shards} shards of {settings.number_sample_per_shard} samples; "
+            f"a part holds at most {RETRY_SHARD_BASE}: raise number_sample_per_shard or dedup_partitions"
+        )
+    claim_folder(output_folder, dedup_version)
+    recorded = {k: v for k, v in asdict(settings).items() if k in IMAGE_SETTINGS}
+    settings_url = storage.join(output_folder, STATE_DIR, SETTINGS_FILE)
+    if storage.read_json_or_none(settings_url) != recorded:
+        storage.write_json(settings_url, recorded)
+    run_img2dataset(part_url, output_folder, settings, part_index(part_url) * SHARDS_PER_PART)
+    numbers = summarize_shards(output_folder)
+    numbers["seconds"] = round(time.monotonic() - started, 3)
+    numbers["settings"] = {k: v for k, v in asdict(settings).items() if k != "fetch_policy"}
+    return numbers
+
+
+# The settings every shard of a part must share (a retry reuses them).
+IMAGE_SETTINGS = ("image_size", "resize_mode", "number_sample_per_shard", "encode_quality")
+
+
+def run_img2dataset(
+    url_list: str, output_folder: str, settings: DownloadSettings, first_shard: int, extra_columns: tuple[str, ...] = ()
+) -> None:
+    """img2dataset over ``url_list`` through the download guard, shards numbered from ``first_shard``."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI on import
     from img2dataset import download
 
     from stages.guarded_img2dataset import guarded_downloads
 
-    started = time.monotonic()
-    claim_folder(output_folder, dedup_version)
-    with first_shard_id(part_index(part_url) * SHARDS_PER_PART), guarded_downloads(settings.fetch_policy):
-        download(**img2dataset_arguments(part_url, output_folder, settings))
-    numbers = summarize_shards(output_folder)
-    numbers["seconds"] = round(time.monotonic() - started, 3)
-    numbers["settings"] = {k: v for k, v in asdict(settings).items() if k != "fetch_policy"}
-    return numbers
+    arguments = img2dataset_arguments(url_list, output_folder, settings)
+    arguments["save_additional_columns"] = [*arguments["save_additional_columns"], *extra_columns]
+    with first_shard_id(first_shard), guarded_downloads(settings.fetch_policy):
+        download(**arguments)
+
+
+def _parquet_rows(url: str) -> int:
+    import pyarrow.parquet as pq
+
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
 
 
 def dedup_version(dedup_stats: dict[str, Any]) -> str:
@@ -163,6 +202,19 @@ def img2dataset_arguments(part_url: str, output_folder: str, settings: DownloadS
     )
 
 
+def is_retry_shard(stem: str) -> bool:
+    """Whether the shard named ``stem`` (``.../0000050003``) holds retried samples."""
+    return int(posixpath.basename(stem)) % SHARDS_PER_PART >= RETRY_SHARD_BASE
+
+
+def _retried_reasons(fs: Any, parquet: str) -> list[str]:
+    """The earlier failure reason of each sample in a retry shard's parquet."""
+    import pyarrow.parquet as pq
+
+    with fs.open(parquet, "rb") as f:
+        return [str(r) for r in pq.read_table(f, columns=[RETRY_REASON]).column(RETRY_REASON).to_pylist()]
+
+
 def summarize_shards(folder: str, parts: list[str] | None = None) -> dict[str, Any]:
     """Add up img2dataset's per-shard ``*_stats.json`` files under ``folder``.
 
@@ -179,16 +231,24 @@ def summarize_shards(folder: str, parts: list[str] | None = None) -> dict[str, A
         for key in STATS_KEYS:
             totals[key] += int(stats.get(key, 0))
         errors.update({str(k): int(v) for k, v in stats.get("status_dict", {}).items() if k != "success"})
-        tar = stats_path[: -len("_stats.json")] + ".tar"
-        size = fs.size(tar) if fs.exists(tar) else 0
+        stem = stats_path[: -len("_stats.json")]
+        retried = is_retry_shard(stem) and _retried_reasons(fs, stem + ".parquet")
+        if retried:
+            # Each sample of a retry shard replaces one transient failure counted before.
+            totals["count"] -= len(retried)
+            totals["failed_to_download"] -= len(retried)
+            errors.subtract(retried)
+        size = fs.size(stem + ".tar") if fs.exists(stem + ".tar") else 0
         tar_bytes += size
         shards.append(
             {
-                "shard": posixpath.relpath(stats_path, path)[: -len("_stats.json")],
+                "shard": posixpath.relpath(stem, path),
                 "count": int(stats.get("count", 0)),
                 "successes": int(stats.get("successes", 0)),
                 "bytes": size,
                 "seconds": stats.get("duration"),
+                **({"retried": len(retried)} if retried else {}),
             }
         )
+    errors = +errors  # drop reasons no sample has any more
     return {**{k: totals[k] for k in STATS_KEYS}, "errors": dict(errors), "shards": shards, "bytes": tar_bytes}

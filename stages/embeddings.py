@@ -28,6 +28,7 @@ PLAN = "_plan.json"  # the partitioning that finished partitions belong to
 DONE = "_done"  # one empty file per finished partition, written after its outputs
 PARTIAL = "_partial"  # where a partition is written before it is moved into place
 OUTPUTS = ("img_emb", "text_emb", "metadata", "stats")
+PARTITION_DIGITS = 5
 
 
 def fingerprint(urls: list[str]) -> str:
@@ -88,7 +89,12 @@ def compute_embeddings(
     num_prepro_workers: int = 2,
     samples_per_partition: int = 10_000,
 ) -> dict[str, Any]:
-    """Embed every image and caption of ``tars``; skipped when the inputs are unchanged."""
+    """Embed every image and caption of ``tars``; skipped when the inputs are unchanged.
+
+    Work is planned in partitions of whole tars (``_plan.json``). A partition, once
+    planned, keeps its tars: shards added later (a retry of failed samples) go to new
+    partitions, so only those are computed; finished partitions are never redone.
+    """
     if not tars:
         raise ValueError("no finished image shards to embed: did every download fail?")
     marker = storage.join(output_folder, MARKER)
@@ -102,22 +108,27 @@ def compute_embeddings(
 
     register_webdataset_schemes()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    partitions, workers = plan_partitions(len(tars), num_prepro_workers, samples, samples_per_partition)
-    plan = {"input_fingerprint": inputs, "clip_model": clip_model, "partitions": partitions}
-    if storage.read_json_or_none(storage.join(output_folder, PLAN)) != plan:
+    plan_url = storage.join(output_folder, PLAN)
+    previous = storage.read_json_or_none(plan_url)
+    plan, kept = extend_plan(
+        previous, tars, clip_model, samples=samples, samples_per_partition=samples_per_partition, workers=num_prepro_workers
+    )
+    if not kept:
+        log.info("Starting a new embedding plan: no %s for these shards and this model", PLAN)
         _clear(output_folder)
-        storage.write_json(storage.join(output_folder, PLAN), plan)
-    done = finished_partitions(output_folder)
-    todo = [i for i in range(partitions) if i not in done]
+    if plan != previous:
+        storage.write_json(plan_url, plan)
+    finished = finished_partitions(output_folder)
+    todo = [i for i in range(len(plan["partitions"])) if i not in finished]
     log.info(
         "Embedding %d shards in %d partitions with %s on %s; %d partitions already done",
-        len(tars), partitions, clip_model, device, len(done),
+        len(tars), len(plan["partitions"]), clip_model, device, len(plan["partitions"]) - len(todo),
     )  # fmt: skip
     started = time.monotonic()
     for partition in todo:
         embed_partition(
-            partition, tars, output_folder,
-            partitions=partitions, clip_model=clip_model, batch_size=batch_size, num_prepro_workers=workers,
+            partition, plan["partitions"][partition]["tars"], output_folder,
+            clip_model=clip_model, batch_size=batch_size, num_prepro_workers=num_prepro_workers,
         )  # fmt: skip
     seconds = time.monotonic() - started
     count, dim = count_embeddings(storage.join(output_folder, "img_emb"))
@@ -130,12 +141,46 @@ def compute_embeddings(
         "clip_model": clip_model,
         "input_fingerprint": inputs,
         "shards": len(tars),
-        "partitions": partitions,
+        "partitions": len(plan["partitions"]),
+        "partitions_computed": len(todo),
         "compute_seconds": round(seconds, 3),
-        "samples_per_second": round(count / seconds, 2) if seconds else None,
+        "samples_per_second": round(count / seconds, 2) if seconds and todo else None,
     }
     storage.write_json(marker, numbers)  # last: the stage is done once this exists
     return numbers
+
+
+def extend_plan(
+    previous: dict[str, Any] | None,
+    tars: list[str],
+    clip_model: str,
+    *,
+    samples: int,
+    samples_per_partition: int,
+    workers: int,
+) -> tuple[dict[str, Any], bool]:
+    """(the embedding plan for ``tars``, whether ``previous`` was kept).
+
+    The plan is ``previous`` plus partitions for the tars it lacks. ``previous`` is kept
+    only when it was made for ``clip_model`` and every tar it planned is still there,
+    unchanged; otherwise the plan starts over.
+    """
+    planned = (previous or {}).get("partitions")
+    current = set(tars)
+    keep = (
+        isinstance(planned, list)
+        and previous.get("clip_model") == clip_model
+        and all(set(p["tars"]) <= current and p["fingerprint"] == fingerprint(p["tars"]) for p in planned)
+    )
+    partitions = list(planned) if keep else []
+    seen = {t for p in partitions for t in p["tars"]}
+    new = [t for t in tars if t not in seen]
+    if new:
+        count, _ = plan_partitions(len(new), workers, max(1, samples * len(new) // len(tars)), samples_per_partition)
+        for i in range(count):
+            group = new[i * len(new) // count : (i + 1) * len(new) // count]
+            partitions.append({"tars": group, "fingerprint": fingerprint(group)})
+    return {"clip_model": clip_model, "partitions": partitions}, keep
 
 
 def _clear(output_folder: str) -> None:
@@ -150,17 +195,26 @@ def finished_partitions(output_folder: str) -> set[int]:
     return {int(posixpath.basename(p)) for p in fs.glob(posixpath.join(path, DONE, "*"))}
 
 
+def partition_file(sub: str, partition: int, produced: str) -> str:
+    """``img_emb_0.npy`` from clip-retrieval -> ``img_emb_00003.npy`` for partition 3.
+
+    Zero-padded, so name order (the order autofaiss and the search service read the
+    files in) is partition order however many partitions are added later.
+    """
+    suffix = posixpath.splitext(produced)[1]
+    return f"{sub}_{partition:0{PARTITION_DIGITS}d}{suffix}"
+
+
 def embed_partition(
     partition: int,
     tars: list[str],
     output_folder: str,
     *,
-    partitions: int,
     clip_model: str,
     batch_size: int,
     num_prepro_workers: int,
 ) -> None:
-    """One clip-retrieval partition (its partitioned-worker mode), written aside, then moved.
+    """One partition through clip-retrieval's worker, written aside, then moved into place.
 
     clip-retrieval writes its npy and parquet files straight to their final names and has
     no resume; here a partition's files appear in place only once all are complete, and a
@@ -175,16 +229,17 @@ def embed_partition(
     staging_url = storage.join(output_folder, PARTIAL, str(partition))
     try:
         worker(
-            tasks=[partition],
+            tasks=[0],
             input_dataset=tars,
             output_folder=staging_url,
-            output_partition_count=partitions,
+            output_partition_count=1,
             input_format="webdataset",
             enable_text=True,
             enable_image=True,
             enable_metadata=True,
             batch_size=batch_size,
-            num_prepro_workers=num_prepro_workers,
+            # webdataset fails on a DataLoader worker left without a tar
+            num_prepro_workers=max(1, min(num_prepro_workers, len(tars))),
             clip_model=clip_model,
             use_jit=False,
         )
@@ -195,7 +250,7 @@ def embed_partition(
     for sub in OUTPUTS:
         for produced in fs.glob(posixpath.join(staging, sub, "*")):
             fs.makedirs(posixpath.join(path, sub), exist_ok=True)
-            fs.mv(produced, posixpath.join(path, sub, posixpath.basename(produced)))
+            fs.mv(produced, posixpath.join(path, sub, partition_file(sub, partition, produced)))
     storage.write_text(storage.join(output_folder, DONE, str(partition)), "")
     fs.rm(staging, recursive=True)
 

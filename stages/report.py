@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
+import json
+import logging
 from typing import Any
 
 from stages import storage
 from stages.download import current_parts, summarize_shards
+
+log = logging.getLogger(__name__)
 
 STAGE_ORDER = ["fetch_metadata", "dedup", "download_images", "clip_embeddings", "build_index"]
 
@@ -49,7 +54,10 @@ def build_report(output_root: str, stage_numbers: dict[str, list[dict[str, Any]]
         name: {k: index[name][k] for k in ("index_key", "ntotal", "size_bytes", "recall_at_10", "build_seconds")}
         for name in ("image", "text")
     }
+    # What the report says of the data: a rerun that changed none of it leaves the report as is.
+    inputs = json.dumps([dedup, shards, embeddings, index], sort_keys=True, default=str)
     return {
+        "inputs_fingerprint": hashlib.sha256(inputs.encode()).hexdigest(),
         "run": run,
         "stages": stage_durations(stage_numbers),
         "dedup": {
@@ -133,9 +141,18 @@ table{{border-collapse:collapse;margin:.5em 0}} td,th{{border:1px solid #ddd;pad
 """
 
 
-def write_report(output_root: str, report: dict[str, Any]) -> dict[str, str]:
+def write_report(output_root: str, report: dict[str, Any]) -> dict[str, Any]:
+    """Write report.html, then report.json (last: its presence marks a complete report).
+
+    Skipped when report.json was made from the same artifacts: it keeps describing the run
+    that made them, byte for byte.
+    """
     json_url = storage.join(output_root, "report", "report.json")
     html_url = storage.join(output_root, "report", "report.html")
+    previous = storage.read_json_or_none(json_url)
+    if previous is not None and previous.get("inputs_fingerprint") == report["inputs_fingerprint"]:
+        log.info("Skipping report: %s (run %s) describes the same artifacts", json_url, previous["run"].get("run_id"))
+        return {"report_json": json_url, "report_html": html_url, "skipped": True}
     storage.write_text(html_url, render_html(report))
     storage.write_json(json_url, report)
     return {"report_json": json_url, "report_html": html_url}

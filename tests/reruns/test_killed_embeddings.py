@@ -72,9 +72,9 @@ def test_a_killed_embedding_run_resumes_at_partition_granularity(tmp_path: Path,
     worker.wait()
     done_before = {p.name for p in (killed / "_done").iterdir()}
     assert "0" in done_before and len(done_before) < 4
-    kept = (killed / "img_emb" / "img_emb_0.npy").stat().st_mtime_ns
+    kept = (killed / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns
     assert embed(tars, killed, demo_clip_model).wait(timeout=600) == 0
-    assert (killed / "img_emb" / "img_emb_0.npy").stat().st_mtime_ns == kept  # partition 0 not redone
+    assert (killed / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns == kept  # partition 0 not redone
     assert not (killed / "_partial").exists() or not list((killed / "_partial").iterdir())
 
     clean = tmp_path / "clean"

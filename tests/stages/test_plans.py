@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from stages.download import DownloadSettings, SHARDS_PER_PART, img2dataset_arguments, part_index, summarize_shards
-from stages.embeddings import plan_partitions
+from stages.embeddings import extend_plan, plan_partitions
 from stages.report import render_html, stage_durations
 
 
@@ -79,3 +79,24 @@ def test_report_html_escapes_what_it_shows() -> None:
     }
     page = render_html(report)
     assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;b&gt;bad&lt;/b&gt;" in page and "&lt;i&gt;" in page
+
+
+def test_an_embedding_plan_grows_with_new_shards_and_keeps_its_partitions(tmp_path: Path) -> None:
+    def tars(*names: str) -> list[str]:
+        for name in names:
+            if not (tmp_path / name).exists():
+                (tmp_path / name).write_bytes(b"t" * 100)
+        return [str(tmp_path / n) for n in names]
+
+    first, kept = extend_plan(None, tars("a.tar", "b.tar", "c.tar", "d.tar"), "m", samples=40, samples_per_partition=20, workers=2)
+    assert not kept and [len(p["tars"]) for p in first["partitions"]] == [2, 2]
+    grown, kept = extend_plan(first, tars("a.tar", "b.tar", "c.tar", "d.tar", "r.tar"), "m", samples=45, samples_per_partition=20, workers=2)
+    assert kept and grown["partitions"][:2] == first["partitions"]
+    assert grown["partitions"][2]["tars"] == tars("r.tar")
+    assert extend_plan(grown, tars("a.tar", "b.tar", "c.tar", "d.tar", "r.tar"), "m", samples=45, samples_per_partition=20, workers=2) == (grown, True)
+
+    _, kept = extend_plan(grown, tars("a.tar", "b.tar", "c.tar", "d.tar", "r.tar"), "other-model", samples=45, samples_per_partition=20, workers=2)
+    assert not kept
+    (tmp_path / "b.tar").write_bytes(b"changed")
+    redone, kept = extend_plan(grown, tars("a.tar", "b.tar", "c.tar", "d.tar", "r.tar"), "m", samples=45, samples_per_partition=20, workers=2)
+    assert not kept and sorted(t for p in redone["partitions"] for t in p["tars"]) == tars("a.tar", "b.tar", "c.tar", "d.tar", "r.tar")
