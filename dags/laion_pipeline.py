@@ -20,8 +20,6 @@ variables (see the README).
 from __future__ import annotations
 
 import os
-from datetime import timedelta
-from pathlib import Path
 
 from airflow.sdk import Asset, Param, dag
 
@@ -30,50 +28,31 @@ from operators.download import DownloadImagesOperator, ListPartsOperator
 from operators.embeddings import ClipEmbeddingsOperator
 from operators.fetch import FetchMetadataOperator
 from operators.index import BuildIndexOperator
+from operators.params import (
+    CONN, DEFAULT_ARGS, DOWNLOAD_POOL, FILTERS, GPU_POOL, GPU_QUEUE, ROOT, download_arguments, download_params, storage_params,
+)  # fmt: skip
 from operators.report import ReportOperator
 from stages.search import INDEX_ASSET
 
-REPO = Path(__file__).resolve().parents[1]
-OUTPUT_ROOT = os.environ.get("LAION_OUTPUT_ROOT", str(REPO / "data" / "output"))
-STORAGE_CONN_ID = os.environ.get("LAION_STORAGE_CONN_ID", "laion_storage")
 CLIP_MODEL = os.environ.get("LAION_CLIP_MODEL", "open_clip:ViT-B-32/laion2b_s34b_b79k")
-DOWNLOAD_POOL = os.environ.get("LAION_DOWNLOAD_POOL", "download")
-GPU_POOL = os.environ.get("LAION_GPU_POOL", "gpu")
-GPU_QUEUE = os.environ.get("LAION_GPU_QUEUE", "gpu")
-CPU_QUEUE = os.environ.get("LAION_CPU_QUEUE", "default")
-
-ROOT = "{{ params.output_root }}"
-CONN = "{{ params.storage_conn_id }}"
+# None: runs only when triggered. A cron or preset ("@daily") runs it per date partition.
+SCHEDULE = os.environ.get("LAION_SCHEDULE") or None
 
 PARAMS = {
     "metadata_urls": Param(
         [u for u in os.environ.get("LAION_METADATA_URLS", "").split(",") if u],
         type="array", items={"type": "string", "minLength": 1}, minItems=1,
-        description="Raw metadata sources: http(s)://, s3://, file:// URLs, local paths or globs.",
+        description="Raw metadata sources: http(s)://, s3://, file:// URLs, local paths or globs; may hold {{ ds }}.",
     ),
-    "output_root": Param(OUTPUT_ROOT, type="string", minLength=1, description="Local path or s3://bucket/prefix."),
-    "storage_conn_id": Param(STORAGE_CONN_ID, type="string", description="Airflow connection for s3:// output."),
+    **storage_params(),
     "dedup_partitions": Param(4, type="integer", minimum=1, maximum=100000),
     "max_caption_length": Param(4096, type="integer", minimum=1, description="Captions longer than this are truncated or rejected."),
     "long_captions": Param("truncate", type="string", enum=["truncate", "reject"]),
     "bad_files": Param("fail", type="string", enum=["fail", "skip"], description="A raw file that is not CSV/parquet or has no URL column: fail the run, or move it to raw/_rejected/ and report it."),
     "image_size": Param(256, type="integer", minimum=16, maximum=4096),
     "resize_mode": Param("border", type="string", enum=["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]),
-    "processes_count": Param(int(os.environ.get("LAION_PROCESSES_COUNT", os.cpu_count() or 1)), type="integer", minimum=1, maximum=256),
-    "thread_count": Param(int(os.environ.get("LAION_THREAD_COUNT", 32)), type="integer", minimum=1, maximum=1024),
     "number_sample_per_shard": Param(10000, type="integer", minimum=1, maximum=1000000),
-    "timeout": Param(10, type="integer", minimum=1, maximum=600, description="Seconds per socket operation of an image request."),
-    "allowed_networks": Param(
-        [n for n in os.environ.get("LAION_ALLOWED_NETWORKS", "").split(",") if n],
-        type="array", items={"type": "string", "minLength": 1},
-        description="CIDRs that downloads may reach although private (loopback, LAN...). Empty: public addresses only.",
-    ),
-    "max_download_seconds": Param(30, type="number", exclusiveMinimum=0, maximum=3600, description="Wall-clock limit per image, redirects and waits included."),
-    "max_image_bytes": Param(32 * 1024 * 1024, type="integer", minimum=1024, description="Largest body accepted."),
-    "max_redirects": Param(5, type="integer", minimum=0, maximum=30),
-    "max_image_pixels": Param(100_000_000, type="integer", minimum=1, description="Declared pixel count above which an image is a decompression bomb."),
-    "max_retry_after_seconds": Param(10, type="number", minimum=0, maximum=600, description="Longest Retry-After (429/503) honoured."),
-    "per_host_connections": Param(0, type="integer", minimum=0, description="Concurrent connections per host and worker process; 0: no cap."),
+    **download_params(),
     "clip_model": Param(CLIP_MODEL, type="string", minLength=1, description="Any model string clip-retrieval accepts."),
     "clip_batch_size": Param(256, type="integer", minimum=1, maximum=65536),
     "max_index_memory_usage": Param("4G", type="string", pattern=r"^[0-9]+(\.[0-9]+)?[KMG]B?$"),
@@ -84,25 +63,21 @@ PARAMS = {
 
 @dag(
     dag_id="laion_pipeline",
-    schedule=None,
+    schedule=SCHEDULE,
+    catchup=False,
     params=PARAMS,
     doc_md=__doc__,
     tags=["laion", "images", "clip"],
     max_active_runs=1,
     render_template_as_native_obj=True,
-    default_args={
-        "retries": 2,
-        "retry_delay": timedelta(seconds=10),
-        "retry_exponential_backoff": True,
-        "max_retry_delay": timedelta(minutes=10),
-        "queue": CPU_QUEUE,
-    },
+    user_defined_filters=FILTERS,
+    default_args=DEFAULT_ARGS,
 )
 def laion_pipeline() -> None:
     stage = {"output_root": ROOT, "storage_conn_id": CONN}
     gpu = {"pool": GPU_POOL, "queue": GPU_QUEUE}
 
-    fetch = FetchMetadataOperator(task_id="fetch_metadata", metadata_urls="{{ params.metadata_urls }}", **stage)
+    fetch = FetchMetadataOperator(task_id="fetch_metadata", metadata_urls="{{ params.metadata_urls | with_run_date }}", **stage)
     dedup = DedupOperator(
         task_id="dedup",
         partitions="{{ params.dedup_partitions }}",
@@ -121,19 +96,8 @@ def laion_pipeline() -> None:
         map_index_template="{{ task.part }}",
         image_size="{{ params.image_size }}",
         resize_mode="{{ params.resize_mode }}",
-        processes_count="{{ params.processes_count }}",
-        thread_count="{{ params.thread_count }}",
         number_sample_per_shard="{{ params.number_sample_per_shard }}",
-        timeout="{{ params.timeout }}",
-        fetch_policy={
-            "allowed_networks": "{{ params.allowed_networks }}",
-            "max_seconds": "{{ params.max_download_seconds }}",
-            "max_bytes": "{{ params.max_image_bytes }}",
-            "max_redirects": "{{ params.max_redirects }}",
-            "max_pixels": "{{ params.max_image_pixels }}",
-            "max_retry_after": "{{ params.max_retry_after_seconds }}",
-            "per_host_connections": "{{ params.per_host_connections }}",
-        },
+        **download_arguments(),
         **stage,
     ).expand(part=parts.output)
     embeddings = ClipEmbeddingsOperator(

@@ -61,12 +61,11 @@ class DownloadImagesOperator(StageOperator):
         self.timeout = timeout
         self.fetch_policy = fetch_policy or {}
 
-    def run(self, context: Any) -> dict[str, Any]:
-        from stages import storage
-        from stages.download import DownloadSettings, dedup_version, download_part
+    def settings(self) -> Any:
+        from stages.download import DownloadSettings
         from stages.safe_fetch import policy_from_params
 
-        settings = DownloadSettings(
+        return DownloadSettings(
             image_size=int(self.image_size),
             resize_mode=str(self.resize_mode),
             processes_count=int(self.processes_count),
@@ -75,10 +74,15 @@ class DownloadImagesOperator(StageOperator):
             timeout=int(self.timeout),
             fetch_policy=policy_from_params(self.fetch_policy),
         )
+
+    def run(self, context: Any) -> dict[str, Any]:
+        from stages import storage
+        from stages.download import dedup_version, download_part
+
         numbers = download_part(
             self.path("dedup", f"{self.part}.parquet"),
             self.path("images", str(self.part)),
-            settings,
+            self.settings(),
             dedup_version=dedup_version(storage.read_json(self.path("dedup", "_stats.json"))),
         )
         self.log.info(
@@ -86,4 +90,36 @@ class DownloadImagesOperator(StageOperator):
         )
         numbers["samples_per_second"] = round(numbers["count"] / numbers["seconds"], 2) if numbers["seconds"] else None
         numbers.pop("shards")
+        return numbers
+
+
+class RetryFailedSamplesOperator(DownloadImagesOperator):
+    """Downloads again the samples of one part that failed for a transient reason.
+
+    Recovered samples land in new shards of ``images/<part>/`` (see :mod:`stages.retry`);
+    the image settings are the part's own. The next ``laion_pipeline`` run embeds and
+    indexes them and counts them in its report.
+
+    :param reasons: the transient failure reasons to retry (templated)
+    """
+
+    template_fields: Sequence[str] = (*DownloadImagesOperator.template_fields, "reasons")
+
+    def __init__(self, *, reasons: list[str] | str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.reasons = reasons
+
+    def run(self, context: Any) -> dict[str, Any]:
+        from stages import storage
+        from stages.download import dedup_version
+        from stages.retry import retry_part
+
+        numbers = retry_part(
+            self.path("dedup", f"{self.part}.parquet"),
+            self.path("images", str(self.part)),
+            self.settings(),
+            dedup_version=dedup_version(storage.read_json(self.path("dedup", "_stats.json"))),
+            reasons=tuple([self.reasons] if isinstance(self.reasons, str) else self.reasons),
+        )
+        self.log.info("%s: %d samples retried, %d recovered", self.part, numbers["retried"], numbers["recovered"])
         return numbers

@@ -17,15 +17,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_pipeline(conf: dict[str, Any]) -> Any:
-    """Trigger one run with ``conf`` and return its DagRun."""
+def run_pipeline(conf: dict[str, Any], dag_id: str = "laion_pipeline") -> Any:
+    """Trigger one run of ``dag_id`` with ``conf`` and return its DagRun."""
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(REPO / "dags"))
     if bag.import_errors:
         raise RuntimeError(f"DAG import errors: {bag.import_errors}")
-    dag = bag.get_dag("laion_pipeline")
-    return dag.test(run_conf=conf)
+    return bag.get_dag(dag_id).test(run_conf=conf)
 
 
 def main(argv: list[str]) -> int:

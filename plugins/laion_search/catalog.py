@@ -51,16 +51,33 @@ def successful_dag_runs() -> list[dict[str, Any]]:
     from airflow.utils.state import DagRunState
 
     query = (
-        select(DagRun.run_id, DagRun.conf, DagRun.end_date)
+        select(DagRun.run_id, DagRun.conf, DagRun.end_date, DagRun.logical_date)
         .where(DagRun.dag_id == DAG_ID, DagRun.state == DagRunState.SUCCESS)
         .order_by(DagRun.end_date.desc())
     )
     with create_session() as session:
         rows = session.execute(query).all()
     return [
-        {"run_id": run_id, "conf": conf or {}, "end_date": end.isoformat() if end else None}
-        for run_id, conf, end in rows
+        {"run_id": run_id, "conf": conf or {}, "end_date": end.isoformat() if end else None, "logical_date": logical}
+        for run_id, conf, end, logical in rows
     ]
+
+
+def rendered_root(root: str, logical_date: Any) -> str | None:
+    """A run's ``output_root`` with its run-date templates (``{{ ds }}``...) filled in, as the
+    DAG's tasks render it; None when it needs a date the run does not have."""
+    if "{{" not in root:
+        return root
+    if logical_date is None:
+        return None
+    import jinja2
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    try:
+        return env.from_string(root).render(ds=logical_date.strftime("%Y-%m-%d"), ds_nodash=logical_date.strftime("%Y%m%d"), logical_date=logical_date)
+    except jinja2.TemplateError:
+        log.warning("Cannot render output_root %r for a run of %s; not offering it", root, logical_date)
+        return None
 
 
 def _same_root(root: str) -> str:
@@ -80,7 +97,9 @@ def find_runs(dag_runs: list[dict[str, Any]], search_roots: list[str]) -> list[R
     """The searchable runs: one per output root, the newest successful run first."""
     runs: dict[str, Run] = {}
     for dag_run in dag_runs:
-        root = str(dag_run["conf"].get("output_root") or default_output_root())
+        root = rendered_root(str(dag_run["conf"].get("output_root") or default_output_root()), dag_run.get("logical_date"))
+        if root is None:
+            continue
         conn_id = dag_run["conf"].get("storage_conn_id") or os.environ.get("LAION_STORAGE_CONN_ID", "laion_storage")
         same = _same_root(root)
         if same in runs:

@@ -35,17 +35,22 @@ def probe() -> dict:
 
 
 @pytest.fixture(scope="module")
-def dag(airflow_db):
+def bag(airflow_db):
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert not bag.import_errors
+    return bag
+
+
+@pytest.fixture(scope="module")
+def dag(bag):
     return bag.get_dag("laion_pipeline")
 
 
 def test_parses_without_errors_in_under_a_second(probe: dict) -> None:
     assert probe["errors"] == {}
-    assert probe["dags"] == ["laion_pipeline"]
+    assert probe["dags"] == ["laion_pipeline", "laion_retry_failed"]
     assert probe["seconds"] < 1.0, probe
 
 
@@ -83,3 +88,33 @@ def test_params_reject_bad_values(dag) -> None:
     for key, value in bad.items():
         with pytest.raises(ParamValidationError):
             dag.params.get_param(key).resolve(value)
+
+
+def test_retry_dag_maps_over_parts_and_accepts_only_transient_reasons(bag) -> None:
+    from airflow.sdk.exceptions import ParamValidationError
+
+    retry = bag.get_dag("laion_retry_failed")
+    task = retry.get_task("retry_failed_samples")
+    assert task.pool == "download" and task.retries >= 1
+    assert task.map_index_template == "{{ task.part }}"
+    assert "retry_failed_samples" in retry.get_task("list_dedup_parts").downstream_task_ids
+    reasons = retry.params.get_param("reasons")
+    assert reasons.resolve(["http_5xx", "read_timeout"]) == ["http_5xx", "read_timeout"]
+    for bad in (["http_404"], [], ["read_timeout", "read_timeout"]):
+        with pytest.raises(ParamValidationError):
+            reasons.resolve(bad)
+
+
+def test_params_render_with_the_run_date() -> None:
+    import jinja2
+
+    from operators.params import FILTERS
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    env.filters.update(FILTERS)
+    template = env.from_string("{{ params.output_root | with_run_date }}|{{ params.urls | with_run_date | join(',') }}")
+    params = {"output_root": "s3://b/runs/{{ ds_nodash }}", "urls": ["/raw/{{ ds }}/*.csv", "/static.csv"]}
+    assert template.render(params=params, ds="2026-11-03", ds_nodash="20261103") == "s3://b/runs/20261103|/raw/2026-11-03/*.csv,/static.csv"
+    assert env.from_string("{{ p | with_run_date }}").render(p="/plain/{x}") == "/plain/{x}"
+    with pytest.raises(ValueError, match="uses a run date template"):
+        env.from_string("{{ p | with_run_date }}").render(p="/raw/{{ ds }}")

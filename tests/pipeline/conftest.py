@@ -34,15 +34,15 @@ def sample_web(tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield root, expected, server
 
 
-def run_ok(conf: dict[str, Any]) -> Any:
-    dag_run = run_pipeline(conf)
+def run_ok(conf: dict[str, Any], dag_id: str = "laion_pipeline") -> Any:
+    dag_run = run_pipeline(conf, dag_id)
     assert str(dag_run.state).endswith("success"), f"run {dag_run.run_id} ended {dag_run.state}"
     return dag_run
 
 
 @pytest.fixture(scope="session")
 def run() -> Any:
-    """Runs laion_pipeline once in-process with a conf and asserts it succeeded."""
+    """Runs a DAG (laion_pipeline by default) once in-process with a conf and asserts it succeeded."""
     return run_ok
 
 

@@ -1,0 +1,54 @@
+"""
+# laion_retry_failed
+
+Downloads again only the samples of a `laion_pipeline` dataset whose download failed for a
+transient reason: timeouts, DNS and connection errors, HTTP 429 and 5xx. Permanent
+failures (404, 403, undecodable images...) are never requested again.
+
+Trigger it with the dataset's `output_root`. Recovered samples land in new shards of the
+same parts (`images/<part>/0000050000.tar`...); the next `laion_pipeline` run over the same
+`output_root` embeds and indexes them, and its report counts them, redoing nothing else.
+"""
+
+from __future__ import annotations
+
+from airflow.sdk import Param, dag
+
+from operators.download import ListPartsOperator, RetryFailedSamplesOperator
+from operators.params import CONN, DEFAULT_ARGS, DOWNLOAD_POOL, FILTERS, ROOT, download_arguments, download_params, storage_params
+from stages.retry import TRANSIENT_REASONS
+
+
+@dag(
+    dag_id="laion_retry_failed",
+    schedule=None,
+    params={
+        **storage_params(),
+        "reasons": Param(
+            list(TRANSIENT_REASONS), type="array", minItems=1, uniqueItems=True,
+            items={"type": "string", "enum": list(TRANSIENT_REASONS)},
+            description="Which failures to retry (http_5xx: any 5xx status).",
+        ),
+        **download_params(),
+    },  # fmt: skip
+    doc_md=__doc__,
+    tags=["laion", "images"],
+    max_active_runs=1,
+    render_template_as_native_obj=True,
+    user_defined_filters=FILTERS,
+    default_args=DEFAULT_ARGS,
+)
+def laion_retry_failed() -> None:
+    stage = {"output_root": ROOT, "storage_conn_id": CONN}
+    parts = ListPartsOperator(task_id="list_dedup_parts", **stage)
+    RetryFailedSamplesOperator.partial(
+        task_id="retry_failed_samples",
+        pool=DOWNLOAD_POOL,
+        map_index_template="{{ task.part }}",
+        reasons="{{ params.reasons }}",
+        **download_arguments(),
+        **stage,
+    ).expand(part=parts.output)
+
+
+laion_retry_failed()

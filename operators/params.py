@@ -1,0 +1,107 @@
+"""What ``laion_pipeline`` and ``laion_retry_failed`` share: deployment defaults, the params
+of storage and downloads, and the run-date templating of params.
+
+Deployment defaults come from ``LAION_*`` environment variables (see the README).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from airflow.sdk import Param
+
+REPO = Path(__file__).resolve().parents[1]
+OUTPUT_ROOT = os.environ.get("LAION_OUTPUT_ROOT", str(REPO / "data" / "output"))
+STORAGE_CONN_ID = os.environ.get("LAION_STORAGE_CONN_ID", "laion_storage")
+DOWNLOAD_POOL = os.environ.get("LAION_DOWNLOAD_POOL", "download")
+GPU_POOL = os.environ.get("LAION_GPU_POOL", "gpu")
+GPU_QUEUE = os.environ.get("LAION_GPU_QUEUE", "gpu")
+CPU_QUEUE = os.environ.get("LAION_CPU_QUEUE", "default")
+
+DEFAULT_ARGS = {
+    "retries": int(os.environ.get("LAION_TASK_RETRIES", 3)),
+    "retry_delay": timedelta(seconds=float(os.environ.get("LAION_RETRY_DELAY_SECONDS", 10))),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=10),
+    "queue": CPU_QUEUE,
+}
+
+# Templates of the stage operators' common arguments: params rendered with the run's date.
+ROOT = "{{ params.output_root | with_run_date }}"
+CONN = "{{ params.storage_conn_id }}"
+
+
+@jinja2.pass_context
+def with_run_date(context: jinja2.runtime.Context, value: Any) -> Any:
+    """Render a param's own ``{{ ds }}``-style templates (a string or a list of them).
+
+    A param's value is not a template to Airflow; this filter makes ``output_root`` and
+    ``metadata_urls`` one, so a scheduled or backfilled run reads and writes its date's
+    partition: ``"s3://meta/{{ ds }}/*.parquet"``, ``"s3://laion/runs/{{ ds_nodash }}"``.
+    """
+    if isinstance(value, (list, tuple)):
+        return [with_run_date(context, v) for v in value]
+    if not isinstance(value, str) or "{" not in value:
+        return value
+    try:
+        return context.environment.from_string(value).render(context.get_all())
+    except jinja2.UndefinedError as error:
+        raise ValueError(
+            f"param value {value!r} uses a run date template, but {error}: "
+            "trigger the run with a logical date (or through a schedule or backfill)"
+        ) from None
+
+
+FILTERS = {"with_run_date": with_run_date}
+
+
+def storage_params() -> dict[str, Param]:
+    return {
+        "output_root": Param(
+            OUTPUT_ROOT, type="string", minLength=1,
+            description="Local path or s3://bucket/prefix; may hold {{ ds }} (one output per run date).",
+        ),
+        "storage_conn_id": Param(STORAGE_CONN_ID, type="string", description="Airflow connection for s3:// output."),
+    }  # fmt: skip
+
+
+def download_params() -> dict[str, Param]:
+    """How images are requested: workers and the download guard's bounds."""
+    return {
+        "processes_count": Param(int(os.environ.get("LAION_PROCESSES_COUNT", os.cpu_count() or 1)), type="integer", minimum=1, maximum=256),
+        "thread_count": Param(int(os.environ.get("LAION_THREAD_COUNT", 32)), type="integer", minimum=1, maximum=1024),
+        "timeout": Param(10, type="integer", minimum=1, maximum=600, description="Seconds per socket operation of an image request."),
+        "allowed_networks": Param(
+            [n for n in os.environ.get("LAION_ALLOWED_NETWORKS", "").split(",") if n],
+            type="array", items={"type": "string", "minLength": 1},
+            description="CIDRs that downloads may reach although private (loopback, LAN...). Empty: public addresses only.",
+        ),
+        "max_download_seconds": Param(30, type="number", exclusiveMinimum=0, maximum=3600, description="Wall-clock limit per image, redirects and waits included."),
+        "max_image_bytes": Param(32 * 1024 * 1024, type="integer", minimum=1024, description="Largest body accepted."),
+        "max_redirects": Param(5, type="integer", minimum=0, maximum=30),
+        "max_image_pixels": Param(100_000_000, type="integer", minimum=1, description="Declared pixel count above which an image is a decompression bomb."),
+        "max_retry_after_seconds": Param(10, type="number", minimum=0, maximum=600, description="Longest Retry-After (429/503) honoured."),
+        "per_host_connections": Param(0, type="integer", minimum=0, description="Concurrent connections per host and worker process; 0: no cap."),
+    }  # fmt: skip
+
+
+def download_arguments() -> dict[str, Any]:
+    """The download operators' templated arguments for :func:`download_params`."""
+    return {
+        "processes_count": "{{ params.processes_count }}",
+        "thread_count": "{{ params.thread_count }}",
+        "timeout": "{{ params.timeout }}",
+        "fetch_policy": {
+            "allowed_networks": "{{ params.allowed_networks }}",
+            "max_seconds": "{{ params.max_download_seconds }}",
+            "max_bytes": "{{ params.max_image_bytes }}",
+            "max_redirects": "{{ params.max_redirects }}",
+            "max_pixels": "{{ params.max_image_pixels }}",
+            "max_retry_after": "{{ params.max_retry_after_seconds }}",
+            "per_host_connections": "{{ params.per_host_connections }}",
+        },
+    }
