@@ -54,3 +54,15 @@ up: venv
 
 clean:
 	rm -rf data/demo data/output data/airflow test-output
+
+# `make bench SIZE=small|medium|large`: each stage against the bare tool and the compute limit
+# (bench/; results in bench/results/<date>-<size>.json, table in docs/benchmarks.md).
+SIZE ?= small
+.PHONY: bench bench-deps
+bench: venv bench-deps
+	$(PY) -m bench --size $(SIZE)
+
+# Debian's nginx serves the download benchmarks' images on 127.0.0.1.
+bench-deps:
+	command -v nginx >/dev/null || test -x /usr/sbin/nginx || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light)
