@@ -20,6 +20,7 @@ variables (see the README).
 from __future__ import annotations
 
 import os
+from datetime import datetime, timezone
 
 from airflow.sdk import Asset, Param, dag
 
@@ -35,8 +36,18 @@ from operators.report import ReportOperator
 from stages.search import INDEX_ASSET
 
 CLIP_MODEL = os.environ.get("LAION_CLIP_MODEL", "open_clip:ViT-B-32/laion2b_s34b_b79k")
-# None: runs only when triggered. A cron or preset ("@daily") runs it per date partition.
+# None: runs only when triggered. A cron or preset ("@daily") runs it per date partition,
+# for the dates from LAION_START_DATE to LAION_END_DATE (ISO dates; both optional).
 SCHEDULE = os.environ.get("LAION_SCHEDULE") or None
+if SCHEDULE and not os.environ.get("LAION_METADATA_URLS"):
+    raise ValueError(
+        f"LAION_SCHEDULE is {SCHEDULE!r} but LAION_METADATA_URLS is not set: scheduled runs take their "
+        "metadata_urls from it, e.g. 's3://laion-meta/{{ ds }}/*.parquet'"
+    )
+START_DATE, END_DATE = (
+    datetime.fromisoformat(d).replace(tzinfo=timezone.utc) if d else None
+    for d in (os.environ.get("LAION_START_DATE"), os.environ.get("LAION_END_DATE"))
+)
 
 PARAMS = {
     "metadata_urls": Param(
@@ -64,6 +75,8 @@ PARAMS = {
 @dag(
     dag_id="laion_pipeline",
     schedule=SCHEDULE,
+    start_date=START_DATE,
+    end_date=END_DATE,
     catchup=False,
     params=PARAMS,
     doc_md=__doc__,

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 from fsspec.core import url_to_fs
 
 from stages import storage
+from stages.processes import spawn_without_main
 from stages.safe_fetch import FetchPolicy
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def run_img2dataset(
 
     arguments = img2dataset_arguments(url_list, output_folder, settings)
     arguments["save_additional_columns"] = [*arguments["save_additional_columns"], *extra_columns]
-    with first_shard_id(first_shard), guarded_downloads(settings.fetch_policy):
+    with first_shard_id(first_shard), guarded_downloads(settings.fetch_policy), spawn_without_main():
         download(**arguments)
 
 

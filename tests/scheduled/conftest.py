@@ -1,0 +1,316 @@
+"""Airflow as it runs for users: scheduler, dag-processor and api-server as separate
+processes (LocalExecutor, SQLite), in a fresh AIRFLOW_HOME, with StatsD metrics sent to a
+UDP listener on 127.0.0.1.
+
+``dag.test()`` neither retries failed tasks nor runs backfills; these tests need the real
+scheduler for both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+AIRFLOW = str(Path(sys.executable).parent / "airflow")
+TEST_OUTPUT = REPO / "test-output"
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StatsdListener:
+    """Collects the StatsD lines (``name:value|type``) sent to a UDP port on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.5)
+        self.port = self.sock.getsockname()[1]
+        self.lines: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            self.lines.extend(data.decode(errors="replace").splitlines())
+
+    def metrics(self, prefix: str) -> dict[str, list[str]]:
+        """name -> the ``value|type`` parts received for names starting with ``prefix``."""
+        found: dict[str, list[str]] = {}
+        for line in list(self.lines):
+            name, _, rest = line.partition(":")
+            if name.startswith(prefix):
+                found.setdefault(name, []).append(rest)
+        return found
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sock.close()
+
+
+class AirflowServices:
+    """The running processes and what a test needs to drive them."""
+
+    def __init__(self, home: Path, env: dict[str, str], statsd: StatsdListener) -> None:
+        self.home = home
+        self.env = env
+        self.statsd = statsd
+        self.processes: list[subprocess.Popen] = []
+
+    def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        return subprocess.run([AIRFLOW, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def query(self, sql: str, *params: Any) -> list[tuple]:
+        with sqlite3.connect(self.home / "airflow.db", timeout=30) as db:
+            return db.execute(sql, params).fetchall()
+
+    def runs(self, dag_id: str) -> list[dict[str, Any]]:
+        rows = self.query("SELECT run_id, state, run_type, logical_date, conf FROM dag_run WHERE dag_id = ? ORDER BY logical_date", dag_id)
+        return [dict(zip(("run_id", "state", "run_type", "logical_date", "conf"), row)) for row in rows]
+
+    def task_tries(self, dag_id: str, run_id: str) -> dict[str, tuple[str, int]]:
+        rows = self.query(
+            "SELECT task_id, map_index, state, try_number FROM task_instance WHERE dag_id = ? AND run_id = ?", dag_id, run_id
+        )
+        return {f"{t}[{m}]" if m >= 0 else t: (s, n) for t, m, s, n in rows}
+
+    def wait_for_runs(self, dag_id: str, count: int, timeout: float, run_type: str | None = None) -> list[dict[str, Any]]:
+        """Wait until ``count`` runs of ``dag_id`` (of ``run_type``, if given) have succeeded;
+        fails on a failed run or a dead Airflow process."""
+        deadline = time.monotonic() + timeout
+        while True:
+            runs = [r for r in self.runs(dag_id) if run_type is None or r["run_type"] == run_type]
+            failed = [r for r in runs if r["state"] == "failed"]
+            assert not failed, f"runs failed: {failed}; logs under {self.home / 'logs'}"
+            if len([r for r in runs if r["state"] == "success"]) >= count:
+                return runs
+            dead = [p.args for p in self.processes if p.poll() is not None]
+            assert not dead, f"Airflow processes exited: {dead}; see {TEST_OUTPUT}"
+            assert time.monotonic() < deadline, f"{dag_id}: {runs} after {timeout:.0f}s"
+            time.sleep(2)
+
+
+def _start(services: AirflowServices, name: str, *args: str) -> None:
+    TEST_OUTPUT.mkdir(exist_ok=True)
+    log = open(TEST_OUTPUT / f"scheduled-{name}.log", "w")  # noqa: SIM115 - open while the process runs
+    services.processes.append(
+        subprocess.Popen([AIRFLOW, *args], env=services.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    )
+
+
+class OutageProxy:
+    """A TCP endpoint on 127.0.0.1 that forwards to ``target_port`` and can go down.
+
+    The S3 stand-in (moto) keeps its data in memory, so stopping its process would lose the
+    bucket -- unlike S3 or MinIO, whose data survive an outage. The outage is made here
+    instead: while down, the endpoint refuses connections and open ones are cut.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self.up()
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            cut, self._open = self._open, []
+        if listener is not None:
+            listener.close()
+        for conn in cut:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed: the endpoint is down
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+S3_KEY, S3_SECRET, S3_BUCKET = "AKIALAIONOUTAGE00001", "laion-outage-secret-71b2", "laion-outage"
+
+
+@pytest.fixture(scope="session")
+def s3_outage() -> Iterator[OutageProxy]:
+    """A moto S3 server with a bucket, reached through an :class:`OutageProxy`."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    moto_port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
+    server.start()
+    boto3.client(
+        "s3", endpoint_url=f"http://127.0.0.1:{moto_port}", aws_access_key_id=S3_KEY,
+        aws_secret_access_key=S3_SECRET, region_name="us-east-1",
+    ).create_bucket(Bucket=S3_BUCKET)  # fmt: skip
+    proxy = OutageProxy(moto_port)
+    yield proxy
+    proxy.down()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def airflow_services(tmp_path_factory: pytest.TempPathFactory, s3_outage: OutageProxy) -> Iterator[AirflowServices]:
+    """Scheduler, dag-processor and api-server over a fresh SQLite database.
+
+    Deployment settings for laion_pipeline come from the environment, as in production:
+    ``LAION_SCHEDULE=@daily`` (a schedule is what backfills need) over the dates
+    2020-01-01 to 2020-01-10, metadata and outputs per date under ``<home>/data/``, short retry delays so retries happen within the test, and
+    the storage connection for the S3 stand-in.
+    """
+    home = tmp_path_factory.mktemp("scheduled-airflow")
+    port = free_port()
+    statsd = StatsdListener()
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        # Scheduler, dag-processor, api-server and the CLI write to one SQLite file: wait for the lock.
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db?timeout=60",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "AIRFLOW__METRICS__STATSD_ON": "True",
+        "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
+        "AIRFLOW__METRICS__STATSD_PORT": str(statsd.port),
+        "AIRFLOW__METRICS__STATSD_PREFIX": "airflow",
+        "LAION_SCHEDULE": "@daily",
+        "LAION_METADATA_URLS": str(home / "data" / "raw" / "{{ ds }}" / "*.csv"),
+        "LAION_OUTPUT_ROOT": str(home / "data" / "partitions" / "{{ ds_nodash }}"),
+        # Date partitions exist for these days only: no scheduled run starts by itself.
+        "LAION_START_DATE": "2020-01-01",
+        "LAION_END_DATE": "2020-01-10",
+        "AIRFLOW_CONN_LAION_STORAGE": json.dumps(
+            {
+                "conn_type": "aws", "login": S3_KEY, "password": S3_SECRET,
+                "extra": {"endpoint_url": f"http://127.0.0.1:{s3_outage.port}", "region_name": "us-east-1"},
+            }
+        ),  # fmt: skip
+        "LAION_RETRY_DELAY_SECONDS": "4",
+        "LAION_TASK_RETRIES": "4",
+        "LAION_DOWNLOAD_SLOTS": "2",
+    }
+    services = AirflowServices(home, env, statsd)
+    setup = subprocess.run([sys.executable, str(REPO / "scripts" / "setup_airflow.py")], env=env, capture_output=True, text=True, timeout=600)
+    assert setup.returncode == 0, setup.stderr[-3000:]
+    try:
+        _start(services, "api-server", "api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1")
+        _start(services, "scheduler", "scheduler")
+        _start(services, "dag-processor", "dag-processor")
+        deadline = time.monotonic() + 180
+        while not services.query("SELECT dag_id FROM dag WHERE dag_id = 'laion_pipeline'") if (home / "airflow.db").exists() else True:
+            assert time.monotonic() < deadline, f"laion_pipeline was not parsed; see {TEST_OUTPUT}"
+            assert all(p.poll() is None for p in services.processes), f"an Airflow process exited; see {TEST_OUTPUT}"
+            time.sleep(1)
+        unpaused = services.cli("dags", "unpause", "laion_pipeline")
+        assert unpaused.returncode == 0, unpaused.stderr[-2000:]
+        yield services
+    finally:
+        for process in services.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in services.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        statsd.close()
+
+
+def _write_csv(path: Path, rows: list[list[str]]) -> None:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([["URL", "TEXT", "SAMPLE_ID"], *rows])
+
+
+def _run_conf(clip_model: str, **overrides: Any) -> dict[str, Any]:
+    return {
+        "dedup_partitions": 1,
+        "processes_count": 1,
+        "thread_count": 8,
+        "number_sample_per_shard": 20,
+        "clip_model": clip_model,
+        "clip_batch_size": 16,
+        "allowed_networks": ["127.0.0.0/8"],
+        "max_index_memory_usage": "100M",
+        "current_memory_available": "1G",
+        "index_key": "Flat",
+        **overrides,
+    }
+
+
+@pytest.fixture(scope="session")
+def write_csv() -> Any:
+    """``write_csv(path, rows)``: a raw metadata CSV with URL, TEXT, SAMPLE_ID columns."""
+    return _write_csv
+
+
+@pytest.fixture(scope="session")
+def run_conf() -> Any:
+    """``run_conf(clip_model, **overrides)``: small, fast settings for a few images on 127.0.0.1."""
+    return _run_conf
