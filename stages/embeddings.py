@@ -20,6 +20,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from stages import storage
+from stages.processes import spawn_without_main
 
 log = logging.getLogger(__name__)
 
@@ -227,22 +228,24 @@ def embed_partition(
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
     staging_url = storage.join(output_folder, PARTIAL, str(partition))
+    preload_clip(clip_model, batch_size)
     try:
-        worker(
-            tasks=[0],
-            input_dataset=tars,
-            output_folder=staging_url,
-            output_partition_count=1,
-            input_format="webdataset",
-            enable_text=True,
-            enable_image=True,
-            enable_metadata=True,
-            batch_size=batch_size,
-            # webdataset fails on a DataLoader worker left without a tar
-            num_prepro_workers=max(1, min(num_prepro_workers, len(tars))),
-            clip_model=clip_model,
-            use_jit=False,
-        )
+        with spawn_without_main():
+            worker(
+                tasks=[0],
+                input_dataset=tars,
+                output_folder=staging_url,
+                output_partition_count=1,
+                input_format="webdataset",
+                enable_text=True,
+                enable_image=True,
+                enable_metadata=True,
+                batch_size=batch_size,
+                # webdataset fails on a DataLoader worker left without a tar
+                num_prepro_workers=max(1, min(num_prepro_workers, len(tars))),
+                clip_model=clip_model,
+                use_jit=False,
+            )
     finally:
         # A DataLoader worker left behind by an exception would keep the task from exiting.
         for child in multiprocessing.active_children():
@@ -280,3 +283,21 @@ def load_embeddings(folder: str) -> "Any":
         with fs.open(npy, "rb") as f:
             arrays.append(np.load(io.BytesIO(f.read())))
     return np.concatenate(arrays) if arrays else np.zeros((0, 0), dtype="float32")
+
+
+def preload_clip(clip_model: str, batch_size: int) -> None:
+    """Load the model into all_clip's cache exactly as clip-retrieval's worker asks for it,
+    warmed up on one sample instead of two full batches.
+
+    clip-retrieval warms the model up with two batches of ``batch_size`` images and
+    captions: on a CPU that costs as much as embedding ``2 * batch_size`` more samples. One
+    sample is enough for the first call's allocations.
+    """
+    from all_clip import main as all_clip_main
+
+    full_warmup = all_clip_main.warmup
+    all_clip_main.warmup = lambda _batch_size, *args: full_warmup(1, *args)
+    try:  # the same keyword arguments, in the same order, as the worker's call: the same cache entry
+        all_clip_main.load_clip(clip_model=clip_model, use_jit=False, warmup_batch_size=batch_size, clip_cache_path=None)
+    finally:
+        all_clip_main.warmup = full_warmup
