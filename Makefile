@@ -21,7 +21,7 @@ export AIRFLOW__API__HOST ?= 127.0.0.1
 # The search plugin also offers these output roots (the demo's run may come from another AIRFLOW_HOME).
 export LAION_SEARCH_ROOTS ?= $(CURDIR)/data/demo/output
 
-.PHONY: venv demo test run up clean browser
+.PHONY: venv demo test run up clean browser cluster-deps test-cluster
 
 venv: $(VENV)/.installed
 
@@ -36,12 +36,21 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 demo: venv
 	$(PY) scripts/demo.py
 
-test: venv browser
+test: venv browser cluster-deps
 	$(PY) -m pytest -q tests
 
 # Debian's Chromium for the browser tests (Playwright drives it; no browser is downloaded).
 browser:
 	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+# The loopback cluster's servers from Debian (tests/cluster starts them itself, on free ports).
+cluster-deps:
+	command -v redis-server >/dev/null && ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql redis-server)
+
+# docker-compose.yaml's topology on 127.0.0.1 and the compose file's checks (also part of `make test`).
+test-cluster: venv cluster-deps
+	$(PY) -m pytest -q tests/cluster
 
 run: venv
 	@test -n "$(CONF)" || (echo "usage: make run CONF=path/to/conf.json" >&2; exit 2)

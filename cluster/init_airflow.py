@@ -5,8 +5,8 @@
 Run once before the other Airflow services start (docker-compose's `airflow-init`, or the
 loopback cluster); running it again changes nothing that is already right. Reads:
 
-- ``LAION_S3_ENDPOINT``, ``LAION_S3_ACCESS_KEY``, ``LAION_S3_SECRET_KEY`` (and optionally
-  ``LAION_S3_REGION``): the store, saved as the connection ``LAION_STORAGE_CONN_ID``; the
+- ``LAION_S3_ACCESS_KEY``, ``LAION_S3_SECRET_KEY``, ``LAION_S3_ENDPOINT`` (empty for AWS)
+  and optionally ``LAION_S3_REGION``: the store, saved as the connection ``LAION_STORAGE_CONN_ID``; the
   bucket of ``LAION_OUTPUT_ROOT`` is created there when missing;
 - ``LAION_SPARK_MASTER`` (``spark://host:7077``): saved as ``spark_default``;
 - ``AIRFLOW_ADMIN_PASSWORD``: the password of the simple auth manager's users, written to
@@ -36,11 +36,10 @@ def required(name: str) -> str:
 
 
 def storage_options() -> dict:
-    return {
-        "key": required("LAION_S3_ACCESS_KEY"),
-        "secret": required("LAION_S3_SECRET_KEY"),
-        "client_kwargs": {"endpoint_url": required("LAION_S3_ENDPOINT"), "region_name": os.environ.get("LAION_S3_REGION", "us-east-1")},
-    }
+    client = {"region_name": os.environ.get("LAION_S3_REGION") or "us-east-1"}
+    if endpoint := os.environ.get("LAION_S3_ENDPOINT"):  # MinIO or another S3 API; empty: AWS
+        client["endpoint_url"] = endpoint
+    return {"key": required("LAION_S3_ACCESS_KEY"), "secret": required("LAION_S3_SECRET_KEY"), "client_kwargs": client}
 
 
 def connections() -> list:

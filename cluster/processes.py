@@ -89,8 +89,15 @@ class ProcessGroup:
         process.wait()
 
     def stop_all(self) -> None:
+        """Stop every process, the last started first; one that fails to stop does not spare the rest."""
+        errors = []
         for name in reversed(list(self.started)):
-            self.stop(name)
+            try:
+                self.stop(name)
+            except Exception as error:  # noqa: BLE001 - re-raised below, after the others are stopped
+                errors.append(error)
+        if errors:
+            raise errors[0]
 
 
 def _running(pid: int) -> bool:

@@ -72,7 +72,7 @@ def service_environments(ports: Ports, keys: Secrets, home: Path, repo: Path, py
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg2://{db}",
         "AIRFLOW__CELERY__BROKER_URL": f"redis://:{keys.REDIS_PASSWORD}@127.0.0.1:{ports.redis}/0",
-        "AIRFLOW__CELERY__RESULT_BACKEND": f"db+postgresql://{db}",
+        "AIRFLOW__CELERY__RESULT_BACKEND": f"db+postgresql+psycopg2://{db}",
         "AIRFLOW__CORE__FERNET_KEY": keys.AIRFLOW_FERNET_KEY,
         "AIRFLOW__API_AUTH__JWT_SECRET": keys.AIRFLOW_JWT_SECRET,
         "AIRFLOW__API__SECRET_KEY": keys.AIRFLOW_API_SECRET_KEY,
@@ -101,10 +101,13 @@ def service_environments(ports: Ports, keys: Secrets, home: Path, repo: Path, py
         "SPARK_LOCAL_IP": "127.0.0.1",
     }
 
-    def worker(name: str, concurrency: int) -> dict[str, str]:
+    def worker(name: str) -> dict[str, str]:
         return {
             **airflow,
-            "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(concurrency),
+            # One task at a time in the worker's own process: a prefork pool's processes are
+            # daemonic and may not start the processes img2dataset and clip-retrieval need.
+            # More slots: more workers.
+            "AIRFLOW__CELERY__POOL": "solo",
             # The dedup driver stages files here for Spark's executors: a folder both can read.
             "TMPDIR": str(home / "scratch"),
             "AIRFLOW__CORE__HOSTNAME_CALLABLE": "cluster.hostname.worker_name",
@@ -143,6 +146,6 @@ def service_environments(ports: Ports, keys: Secrets, home: Path, repo: Path, py
         "airflow-apiserver": airflow,
         "airflow-scheduler": airflow,
         "airflow-dag-processor": airflow,
-        "airflow-worker": worker(CPU_WORKER, 2),
-        "airflow-worker-gpu": worker(GPU_WORKER, 1),
+        "airflow-worker": worker(CPU_WORKER),
+        "airflow-worker-gpu": worker(GPU_WORKER),
     }

@@ -57,6 +57,7 @@ def wait_for(what: str, probe: Any, timeout: float, cluster: LoopbackCluster) ->
 
 
 def interrupt(signum: int, frame: Any) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # a second one must not cut the teardown short
     raise KeyboardInterrupt(f"signal {signum}")
 
 
