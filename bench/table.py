@@ -19,7 +19,7 @@ def key_numbers(name: str, bench: dict[str, Any]) -> list[tuple[str, str]]:
     m = bench["median"]
     rows: list[tuple[str, str]] = []
     if name == "download":
-        for case in ("stage", "bare", "limit"):
+        for case in (c for c in ("stage", "bare", "limit", "stage_forked") if c in m):
             rows.append((f"{case}: samples/s (per core)", f'{_fmt(m[case]["samples_per_s"])} ({_fmt(m[case]["samples_per_s_per_core"])})'))
     elif name == "dedup":
         for case, v in m.items():
