@@ -118,3 +118,29 @@ def test_params_render_with_the_run_date() -> None:
     assert env.from_string("{{ p | with_run_date }}").render(p="/plain/{x}") == "/plain/{x}"
     with pytest.raises(ValueError, match="uses a run date template"):
         env.from_string("{{ p | with_run_date }}").render(p="/raw/{{ ds }}")
+
+
+def _parse_with(env: dict[str, str]) -> dict:
+    import os
+
+    probe = (
+        "import json, sys\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        "bag = DagBag(dag_folder=sys.argv[1])\n"
+        "dag = bag.dags.get('laion_pipeline')\n"
+        "print(json.dumps({'errors': {k: str(v) for k, v in bag.import_errors.items()},"
+        " 'schedule': str(dag.schedule) if dag else None, 'end_date': str(dag.end_date) if dag else None}))\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LAION_")}
+    out = subprocess.run([sys.executable, "-c", probe, str(REPO / "dags")], env={**clean, **env}, check=True, capture_output=True, text=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_schedule_comes_from_the_deployment_and_needs_metadata_urls() -> None:
+    missing = _parse_with({"LAION_SCHEDULE": "@daily"})
+    assert "LAION_METADATA_URLS is not set" in " ".join(missing["errors"].values())
+    scheduled = _parse_with(
+        {"LAION_SCHEDULE": "@daily", "LAION_METADATA_URLS": "/raw/{{ ds }}/*.csv", "LAION_START_DATE": "2020-01-01", "LAION_END_DATE": "2020-01-10"}
+    )
+    assert scheduled["errors"] == {} and scheduled["schedule"] == "@daily"
+    assert scheduled["end_date"].startswith("2020-01-10")

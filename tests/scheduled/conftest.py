@@ -113,6 +113,16 @@ class AirflowServices:
             time.sleep(2)
 
 
+    def wait_for_run(self, run_id: str, state: str, timeout: float) -> None:
+        """Wait until the run ``run_id`` is in ``state``; fails on a dead Airflow process."""
+        deadline = time.monotonic() + timeout
+        while (found := self.query("SELECT state FROM dag_run WHERE run_id = ?", run_id)) != [(state,)]:
+            dead = [p.args for p in self.processes if p.poll() is not None]
+            assert not dead, f"Airflow processes exited: {dead}; see {TEST_OUTPUT}"
+            assert time.monotonic() < deadline, (found, self.query("SELECT task_id, map_index, state, try_number FROM task_instance WHERE run_id = ?", run_id))
+            time.sleep(1)
+
+
 def _start(services: AirflowServices, name: str, *args: str) -> None:
     TEST_OUTPUT.mkdir(exist_ok=True)
     log = open(TEST_OUTPUT / f"scheduled-{name}.log", "w")  # noqa: SIM115 - open while the process runs

@@ -20,13 +20,6 @@ RUN_ID = "clear-failed"
 ROWS = 16
 
 
-def wait_for_state(services: Any, state: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while (found := services.query("SELECT state FROM dag_run WHERE run_id = ?", RUN_ID)) != [(state,)]:
-        assert time.monotonic() < deadline, (found, services.task_tries("laion_pipeline", RUN_ID))
-        time.sleep(1)
-
-
 def test_clearing_a_failed_part_downloads_only_that_part(
     airflow_services: Any, run_conf: Any, write_csv: Any, demo_clip_model: str, tmp_path: Path
 ) -> None:
@@ -47,7 +40,7 @@ def test_clearing_a_failed_part_downloads_only_that_part(
             assert time.monotonic() < deadline, services.task_tries("laion_pipeline", RUN_ID)
             time.sleep(0.2)
         shutil.move(part, tmp_path / "aside.parquet")
-        wait_for_state(services, "failed", timeout=600)
+        services.wait_for_run(RUN_ID, "failed", timeout=600)
         failed = services.task_tries("laion_pipeline", RUN_ID)
         requests_before = dict(server.requests_by_url)
 
@@ -57,7 +50,7 @@ def test_clearing_a_failed_part_downloads_only_that_part(
             "-s", "2020-01-06", "-e", "2020-01-06",
         )  # fmt: skip
         assert cleared.returncode == 0, cleared.stderr[-2000:]
-        wait_for_state(services, "success", timeout=900)
+        services.wait_for_run(RUN_ID, "success", timeout=900)
         after = services.task_tries("laion_pipeline", RUN_ID)
         requests_after = dict(server.requests_by_url)
 

@@ -42,7 +42,7 @@ def test_a_run_on_s3_survives_an_outage_of_the_store(
         s3_outage.down()
         time.sleep(OUTAGE_SECONDS)
         s3_outage.up()
-        services.wait_for_runs("laion_pipeline", 1, timeout=1200, run_type="manual")
+        services.wait_for_run("s3-outage", "success", timeout=1200)
 
     tries = services.task_tries("laion_pipeline", "s3-outage")
     assert all(state == "success" for state, _ in tries.values()), tries
