@@ -8,6 +8,7 @@ one host here where containers each have their own.
 
 from __future__ import annotations
 
+import base64
 import secrets
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -40,11 +41,10 @@ class Secrets:
 
     @classmethod
     def generate(cls) -> Secrets:
-        from cryptography.fernet import Fernet
-
+        """Fresh values, from the standard library only (so any host's python3 can write a .env)."""
         values = {f.name: secrets.token_urlsafe(24) for f in fields(cls)}
         values["MINIO_ROOT_USER"] = "laion-" + secrets.token_hex(4)
-        values["AIRFLOW_FERNET_KEY"] = Fernet.generate_key().decode()
+        values["AIRFLOW_FERNET_KEY"] = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()  # Fernet's key format
         return cls(**values)
 
 
