@@ -255,7 +255,8 @@ def embed_partition(
             fs.makedirs(posixpath.join(path, sub), exist_ok=True)
             fs.mv(produced, posixpath.join(path, sub, partition_file(sub, partition, produced)))
     storage.write_text(storage.join(output_folder, DONE, str(partition)), "")
-    fs.rm(staging, recursive=True)
+    if fs.exists(staging):  # on S3 the "folder" is gone once its last file moved
+        fs.rm(staging, recursive=True)
 
 
 def count_embeddings(folder: str) -> tuple[int, int]:
