@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import REPO, machine, write_results
+from bench.harness import REPO, machine, results_path, write_results
 from bench.sizes import SIZES
 from bench.table import markdown_table
 
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {"size": args.size, "settings": SIZES[args.size].__dict__, "machine": machine(),
               "command": f"make bench SIZE={args.size}", "benchmarks": {}}
     started = time.time()
+    path = results_path(args.results, args.size)
+    write_results(path, record)  # claims the name at once: parallel runs of one size do not collide
     for name in chosen:
         log.info("benchmark %s at size %s", name, args.size)
         begun = time.time()
@@ -74,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         result["seconds"] = round(time.time() - begun, 1)
         result["loadavg_end"] = os.getloadavg()
         record["benchmarks"][name] = result
-    record["machine"]["loadavg_end"] = os.getloadavg()
-    record["seconds"] = round(time.time() - started, 1)
-    path = write_results(args.results, args.size, record)
+        record["machine"]["loadavg_end"] = os.getloadavg()
+        record["seconds"] = round(time.time() - started, 1)
+        write_results(path, record)
     print(markdown_table(record))
     print(f"\nresults: {path}")
     return 0

@@ -118,7 +118,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_results(results_dir: Path, size: str, record: dict[str, Any]) -> Path:
+def results_path(results_dir: Path, size: str) -> Path:
     """``<results_dir>/<date>-<size>.json``; a second run the same day gets ``-2``, ``-3`` ..."""
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{date.today().isoformat()}-{size}"
@@ -126,8 +126,14 @@ def write_results(results_dir: Path, size: str, record: dict[str, Any]) -> Path:
     while path.exists():
         n += 1
         path = results_dir / f"{stem}-{n}.json"
-    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
     return path
+
+
+def write_results(path: Path, record: dict[str, Any]) -> None:
+    """Rewritten after every benchmark, so a long run shows (and keeps) what it has measured."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    tmp.replace(path)
 
 
 def env_for_tools() -> dict[str, str]:
