@@ -29,7 +29,6 @@ import fsspec
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
-from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, IntegerType, LongType, StringType, StructField, StructType
@@ -142,9 +141,7 @@ def run(
             if frame is not None:
                 frames.append(frame.withColumn(_FILE_INDEX, F.lit(len(files))))
             files.append(file)
-        # Parsed once: the counts, the parts, the rejected sample and the truncation count
-        # all read this copy instead of parsing every CSV again.
-        rows = tag_rows(frames, policy).persist(StorageLevel.MEMORY_AND_DISK)
+        rows = tag_rows(frames, policy)
         counts = count_rows(rows)
         deduped = shuffle(drop_duplicates(valid_rows(rows, policy)), partitions, seed)
         with _work_dir(out_fs, out_root) as work:
@@ -179,7 +176,6 @@ def run(
             }
             publish(out_fs, out_root, parts, rejected_sample)
             storage.write_json(storage.join(output_url, STATS_FILE), stats)  # last: marks the output complete
-        rows.unpersist()
     log.info(
         "Dedup wrote %d of %d rows (%d invalid) to %s in %d parts",
         stats["rows_out"], stats["rows_in"], stats["rows_invalid"], output_url, partitions,
