@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -77,6 +78,7 @@ def build_one(
     vectors = load_embeddings(embeddings)
     if len(vectors) == 0:
         raise ValueError(f"no embeddings under {embeddings}: nothing to index")
+    index_key = index_key or flat_key_within_budget(len(vectors), vectors.shape[1], max_index_memory_usage)
     with tempfile.TemporaryDirectory(prefix=f"laion-index-{name}-") as tmp:
         index_path = os.path.join(tmp, f"{name}.index")
         infos_path = os.path.join(tmp, f"{name}_infos.json")
@@ -109,6 +111,22 @@ def build_one(
         "recall_at_10": round(recall, 4),
         "build_seconds": round(seconds, 3),
     }
+
+
+def flat_key_within_budget(count: int, dim: int, max_index_memory_usage: str) -> str | None:
+    """``IVF<k>,Flat`` for a million vectors or more whose raw floats fit the memory budget;
+    None (autofaiss chooses) otherwise.
+
+    autofaiss switches to OPQ+PQ at one million vectors whatever the budget (its
+    ``ivf_flat_threshold``): PQ codes cost recall and OPQ training takes many minutes on a
+    few cores, while 1M x 512 floats (2 GB) fit the 4G default. Below the threshold
+    autofaiss already picks IVF-Flat; ``k`` follows its rule there, about 4 * sqrt(count).
+    """
+    from autofaiss.utils.cast import cast_memory_to_bytes
+
+    if count < 1_000_000 or count * dim * 4 * 1.1 > cast_memory_to_bytes(max_index_memory_usage):
+        return None
+    return f"IVF{2 ** round(math.log2(4 * math.sqrt(count)))},Flat"
 
 
 def recall_at_k(index: Any, vectors: Any, *, queries: int, k: int, index_param: str | None = None, seed: int = 0) -> float:
