@@ -30,7 +30,7 @@ from operators.embeddings import ClipEmbeddingsOperator
 from operators.fetch import FetchMetadataOperator
 from operators.index import BuildIndexOperator
 from operators.params import (
-    CONN, DEFAULT_ARGS, DOWNLOAD_POOL, FILTERS, GPU_POOL, GPU_QUEUE, ROOT, download_arguments, download_params, storage_params,
+    CONN, DAG_ARGUMENTS, DOWNLOAD_POOL, GPU_POOL, GPU_QUEUE, ROOT, download_arguments, download_params, storage_params,
 )  # fmt: skip
 from operators.report import ReportOperator
 from stages.search import INDEX_ASSET
@@ -81,10 +81,7 @@ PARAMS = {
     params=PARAMS,
     doc_md=__doc__,
     tags=["laion", "images", "clip"],
-    max_active_runs=1,
-    render_template_as_native_obj=True,
-    user_defined_filters=FILTERS,
-    default_args=DEFAULT_ARGS,
+    **DAG_ARGUMENTS,
 )
 def laion_pipeline() -> None:
     stage = {"output_root": ROOT, "storage_conn_id": CONN}

@@ -15,7 +15,7 @@ from __future__ import annotations
 from airflow.sdk import Param, dag
 
 from operators.download import ListPartsOperator, RetryFailedSamplesOperator
-from operators.params import CONN, DEFAULT_ARGS, DOWNLOAD_POOL, FILTERS, ROOT, download_arguments, download_params, storage_params
+from operators.params import CONN, DAG_ARGUMENTS, DOWNLOAD_POOL, ROOT, download_arguments, download_params, storage_params
 from stages.retry import TRANSIENT_REASONS
 
 
@@ -33,10 +33,7 @@ from stages.retry import TRANSIENT_REASONS
     },  # fmt: skip
     doc_md=__doc__,
     tags=["laion", "images"],
-    max_active_runs=1,
-    render_template_as_native_obj=True,
-    user_defined_filters=FILTERS,
-    default_args=DEFAULT_ARGS,
+    **DAG_ARGUMENTS,
 )
 def laion_retry_failed() -> None:
     stage = {"output_root": ROOT, "storage_conn_id": CONN}

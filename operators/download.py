@@ -75,16 +75,20 @@ class DownloadImagesOperator(StageOperator):
             fetch_policy=policy_from_params(self.fetch_policy),
         )
 
-    def run(self, context: Any) -> dict[str, Any]:
-        from stages import storage
-        from stages.download import dedup_version, download_part
+    def part_arguments(self) -> tuple[str, str, Any]:
+        """(the dedup part's URL, its image folder, the download settings) for the stage functions."""
+        return self.path("dedup", f"{self.part}.parquet"), self.path("images", str(self.part)), self.settings()
 
-        numbers = download_part(
-            self.path("dedup", f"{self.part}.parquet"),
-            self.path("images", str(self.part)),
-            self.settings(),
-            dedup_version=dedup_version(storage.read_json(self.path("dedup", "_stats.json"))),
-        )
+    def dedup_version(self) -> str:
+        from stages import storage
+        from stages.download import dedup_version
+
+        return dedup_version(storage.read_json(self.path("dedup", "_stats.json")))
+
+    def run(self, context: Any) -> dict[str, Any]:
+        from stages.download import download_part
+
+        numbers = download_part(*self.part_arguments(), dedup_version=self.dedup_version())
         self.log.info(
             "%s: %d of %d samples downloaded in %.1f s", self.part, numbers["successes"], numbers["count"], numbers["seconds"]
         )
@@ -110,16 +114,9 @@ class RetryFailedSamplesOperator(DownloadImagesOperator):
         self.reasons = reasons
 
     def run(self, context: Any) -> dict[str, Any]:
-        from stages import storage
-        from stages.download import dedup_version
         from stages.retry import retry_part
 
-        numbers = retry_part(
-            self.path("dedup", f"{self.part}.parquet"),
-            self.path("images", str(self.part)),
-            self.settings(),
-            dedup_version=dedup_version(storage.read_json(self.path("dedup", "_stats.json"))),
-            reasons=tuple([self.reasons] if isinstance(self.reasons, str) else self.reasons),
-        )
+        reasons = tuple([self.reasons] if isinstance(self.reasons, str) else self.reasons)
+        numbers = retry_part(*self.part_arguments(), dedup_version=self.dedup_version(), reasons=reasons)
         self.log.info("%s: %d samples retried, %d recovered", self.part, numbers["retried"], numbers["recovered"])
         return numbers

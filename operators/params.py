@@ -57,6 +57,13 @@ def with_run_date(context: jinja2.runtime.Context, value: Any) -> Any:
 
 
 FILTERS = {"with_run_date": with_run_date}
+# What both DAGs are: one run at a time per DAG, native params, run-date templating, retries.
+DAG_ARGUMENTS = {
+    "max_active_runs": 1,
+    "render_template_as_native_obj": True,
+    "user_defined_filters": FILTERS,
+    "default_args": DEFAULT_ARGS,
+}
 
 
 def storage_params() -> dict[str, Param]:

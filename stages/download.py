@@ -155,6 +155,15 @@ def current_parts(dedup_stats: dict[str, Any]) -> list[str]:
     return [p.split(".")[0] for p in dedup_stats["parts"]]
 
 
+def recorded_dedup_version(output_folder: str) -> str | None:
+    """The dedup version a part folder's shards were made from; None before its first download."""
+    marker = storage.join(output_folder, VERSION_FILE)
+    if not storage.exists(marker):
+        return None
+    fs, path = url_to_fs(marker)
+    return fs.cat_file(path).decode()
+
+
 def claim_folder(output_folder: str, dedup_version: str) -> None:
     """Prepare ``output_folder`` for (more) shards of ``dedup_version``.
 
@@ -167,7 +176,7 @@ def claim_folder(output_folder: str, dedup_version: str) -> None:
     fs, path = url_to_fs(output_folder)
     partial = posixpath.join(path, PARTIAL_DIR)
     if fs.exists(path):
-        found = fs.cat_file(url_to_fs(marker)[1]).decode() if storage.exists(marker) else None
+        found = recorded_dedup_version(output_folder)
         if found != dedup_version:
             log.info("Removing shards of %s: made from dedup version %s, now %s", output_folder, found, dedup_version)
             fs.rm(path, recursive=True)

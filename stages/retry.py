@@ -36,10 +36,10 @@ from stages.download import (
     SETTINGS_FILE,
     SHARDS_PER_PART,
     STATE_DIR,
-    VERSION_FILE,
     DownloadSettings,
     claim_folder,
     part_index,
+    recorded_dedup_version,
     run_img2dataset,
     summarize_shards,
 )
@@ -85,11 +85,10 @@ def retry_part(
     if unknown:
         raise ValueError(f"reasons {unknown} are not transient failure reasons; choose from {list(TRANSIENT_REASONS)}")
     started = time.monotonic()
-    version = storage.join(output_folder, VERSION_FILE)
+    recorded_version = recorded_dedup_version(output_folder)
     found = storage.read_json_or_none(storage.join(output_folder, STATE_DIR, SETTINGS_FILE))
-    if not storage.exists(version) or found is None:
+    if recorded_version is None or found is None:
         raise ValueError(f"{output_folder} holds no downloaded shards: run laion_pipeline's download_images for it first")
-    recorded_version = url_to_fs(version)[0].cat_file(url_to_fs(version)[1]).decode()
     if recorded_version != dedup_version:
         raise ValueError(
             f"{output_folder} was downloaded from dedup version {recorded_version}, the dedup output is now "
