@@ -31,11 +31,14 @@ def bare_command(parquet: Path, out: Path, processes: int, shard_samples: int) -
     ]
 
 
-def stage_command(parquet: Path, out: Path, processes: int, shard_samples: int, pool: str = "spawn") -> list[str]:
+def stage_command(parquet: Path, out: Path, processes: int, shard_samples: int, start_method: str | None = None) -> list[str]:
+    """The stage with the DAG's defaults; ``start_method`` overrides how its workers start."""
     settings = {"image_size": IMAGE_SIZE, "resize_mode": RESIZE_MODE, "processes_count": processes,
                 "thread_count": THREADS, "number_sample_per_shard": shard_samples, "timeout": 10,
                 "encode_quality": ENCODE_QUALITY}
-    return [PY, "-m", "bench.workers", "download-stage", str(parquet), str(out), json.dumps(settings), pool]
+    if start_method:
+        settings["start_method"] = start_method
+    return [PY, "-m", "bench.workers", "download-stage", str(parquet), str(out), json.dumps(settings)]
 
 
 def shard_stats(out: Path) -> dict[str, Any]:
@@ -89,14 +92,14 @@ def run(size: Size, work: Path, processes: int) -> Bench:
     names = jpeg_files(www, size.images)
     with static_server(www, work / "nginx") as (base_url, server):
         parquet = url_parquet(work / "download" / "dedup" / "part-00000.parquet", base_url, names)
-        outs = {name: work / "download" / name for name in ("stage", "bare", "stage_forked")}
+        outs = {name: work / "download" / name for name in ("stage", "bare", "stage_spawn")}
         bench.settings = {"images": size.images, "processes": processes, "thread_count": THREADS,
                           "number_sample_per_shard": size.shard_samples, "image_size": IMAGE_SIZE,
                           "resize_mode": RESIZE_MODE, "server": server, "stage_settings": "DownloadSettings, DAG defaults"}
         bench.commands = {"stage": stage_command(parquet, outs["stage"], processes, size.shard_samples),
                           "bare": bare_command(parquet, outs["bare"], processes, size.shard_samples),
-                          # a proposed change, not what the DAG runs: img2dataset's pool forked, not spawned
-                          "stage_forked": stage_command(parquet, outs["stage_forked"], processes, size.shard_samples, "fork"),
+                          # the stage before its workers were forked: img2dataset's own spawned pool
+                          "stage_spawn": stage_command(parquet, outs["stage_spawn"], processes, size.shard_samples, "spawn"),
                           "limit": f"bench.download.compute_limit over the same {size.images} files, {processes} processes"}
 
         def case(name: str):
@@ -122,10 +125,12 @@ def run(size: Size, work: Path, processes: int) -> Bench:
             return {**done, "samples_per_s": round(per_second, 2), "samples_per_s_per_core": round(per_second / processes, 2)}
 
         med = bench.interleave({"stage": case("stage"), "bare": case("bare"), "limit": limit,
-                                "stage_forked": case("stage_forked")}, size.reps)
+                                "stage_spawn": case("stage_spawn")}, size.reps)
     stage, bare, lim = (med[k]["samples_per_s"] for k in ("stage", "bare", "limit"))
     bench.target("stage / bare img2dataset (wall)", bench.ratio("stage_over_bare", stage, bare), ">=", 0.95)
     bench.target("stage / decode-resize limit", bench.ratio("stage_over_limit", stage, lim), ">=", 0.6)
     bench.ratio("bare_over_limit", bare, lim)
-    bench.ratio("stage_forked_over_limit", med["stage_forked"]["samples_per_s"], lim)
+    bench.ratio("stage_spawn_over_limit", med["stage_spawn"]["samples_per_s"], lim)
+    # img2dataset's own shard timing: the steady state, without start-up
+    bench.ratio("stage_shard_over_limit", size.shard_samples / med["stage"]["img2dataset_shard_seconds"] * processes, lim)
     return bench

@@ -25,10 +25,10 @@ SIZES = {
     "small": Size(reps=3, images=800, shard_samples=200, dedup_rows=(1_000_000,), embed_samples=128,
                   embed_batch=64, index_vectors=(100_000,), index_queries=500, mapped_tasks=(16,), e2e_images=120),
     # 256 mapped tasks take about 10 minutes here (dag.test runs them one by one): under large only.
-    "medium": Size(reps=3, images=1_600, shard_samples=400, dedup_rows=(1_000_000, 3_000_000), embed_samples=256,
+    "medium": Size(reps=3, images=1_600, shard_samples=400, dedup_rows=(1_000_000, 3_000_000), embed_samples=1_024,
                    embed_batch=128, index_vectors=(100_000, 1_000_000), index_queries=1_000,
                    mapped_tasks=(16, 64), e2e_images=300),
     "large": Size(reps=3, images=20_000, shard_samples=5_000, dedup_rows=(1_000_000, 10_000_000),
-                  embed_samples=2_048, embed_batch=256, index_vectors=(100_000, 1_000_000), index_queries=1_000,
+                  embed_samples=4_096, embed_batch=256, index_vectors=(100_000, 1_000_000), index_queries=1_000,
                   mapped_tasks=(16, 64, 256), e2e_images=2_000),
 }

@@ -19,14 +19,14 @@ def key_numbers(name: str, bench: dict[str, Any]) -> list[tuple[str, str]]:
     m = bench["median"]
     rows: list[tuple[str, str]] = []
     if name == "download":
-        for case in (c for c in ("stage", "bare", "limit", "stage_forked") if c in m):
+        for case in (c for c in ("stage", "bare", "limit", "stage_spawn", "stage_forked") if c in m):
             rows.append((f"{case}: samples/s (per core)", f'{_fmt(m[case]["samples_per_s"])} ({_fmt(m[case]["samples_per_s_per_core"])})'))
     elif name == "dedup":
         for case, v in m.items():
             rows.append((f"{case.replace('_', ' ')} rows: s (rows/s)", f'{_fmt(v["seconds"])} ({v["rows_per_s"]:,})'))
     elif name == "embeddings":
         for case in ("stage", "bare"):
-            rows.append((f"{case}: samples/s", _fmt(m[case]["samples_per_s"])))
+            rows.append((f"{case}: samples/s (s)", f'{_fmt(m[case]["samples_per_s"])} ({_fmt(m[case]["seconds"])})'))
     elif name == "index":
         for n, v in m.items():
             rows.append((f"{int(n):,} vectors: key", v["index_key"]))

@@ -1,6 +1,6 @@
 """What the benchmarks run in a fresh process, as the pipeline or a user would; each prints one JSON line.
 
-    python -m bench.workers download-stage PART.parquet OUT SETTINGS_JSON [POOL_CONTEXT]
+    python -m bench.workers download-stage PART.parquet OUT SETTINGS_JSON
     python -m bench.workers duckdb-dedup RAW_DIR OUT PARTITIONS
     python -m bench.workers embed-stage OUT CLIP_MODEL BATCH TAR...
     python -m bench.workers embed-bare CLIP_MODEL BATCH TAR...
@@ -18,26 +18,16 @@ from pathlib import Path
 from typing import Any
 
 
-def download_stage(part: str, out: str, settings_json: str, pool_context: str = "spawn") -> dict[str, Any]:
-    """stages.download.download_part as the DAG's task calls it, loopback opened as the demo does.
-
-    ``pool_context`` other than img2dataset's "spawn" measures a proposed change: worker
-    processes forked from this one, its imports already done.
-    """
+def download_stage(part: str, out: str, settings_json: str) -> dict[str, Any]:
+    """stages.download.download_part as the DAG's task calls it, loopback opened as the demo does."""
     from stages.download import DownloadSettings, download_part
     from stages.safe_fetch import policy_from_params
 
     settings = DownloadSettings(**json.loads(settings_json),
                                 fetch_policy=policy_from_params({"allowed_networks": ["127.0.0.0/8"]}))
-    if pool_context != "spawn":
-        import multiprocessing
-
-        from img2dataset import distributor
-
-        distributor.get_context = lambda _method: multiprocessing.get_context(pool_context)
-        import stages.guarded_img2dataset  # noqa: F401 - imported before the fork, as img2dataset is
     numbers = download_part(part, out, settings, dedup_version="bench")
-    return {"stage_seconds": numbers["seconds"], "stage_successes": numbers["successes"]}
+    return {"stage_seconds": numbers["seconds"], "stage_successes": numbers["successes"],
+            "start_method": settings.start_method}
 
 
 def parse_dag(dag_file: str) -> dict[str, Any]:

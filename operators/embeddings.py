@@ -10,11 +10,12 @@ class ClipEmbeddingsOperator(StageOperator):
 
     :param clip_model: any model string clip-retrieval accepts (templated)
     :param batch_size: inference batch size (templated)
+    :param num_prepro_workers: image decoding workers; by default every core on a GPU, 2 on a CPU
     """
 
     template_fields: Sequence[str] = (*StageOperator.template_fields, "clip_model", "batch_size")
 
-    def __init__(self, *, clip_model: str, batch_size: int | str = 256, num_prepro_workers: int = 2, **kwargs: Any) -> None:
+    def __init__(self, *, clip_model: str, batch_size: int | str = 256, num_prepro_workers: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.clip_model = clip_model
         self.batch_size = batch_size

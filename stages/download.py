@@ -50,6 +50,13 @@ class DownloadSettings:
     timeout: int = 10
     encode_quality: int = 95
     fetch_policy: FetchPolicy = field(default_factory=FetchPolicy)
+    # How img2dataset's worker processes start. "fork" (Linux) skips the 3 s of imports a
+    # spawned worker redoes; "spawn" is img2dataset's own choice, and the one for macOS.
+    start_method: str = "fork" if sys.platform == "linux" else "spawn"
+
+    def __post_init__(self) -> None:
+        if self.start_method not in ("fork", "forkserver", "spawn"):
+            raise ValueError(f"download start_method {self.start_method!r} is not one of fork, forkserver, spawn")
 
 
 def part_name(part_url: str) -> str:
@@ -133,7 +140,7 @@ def run_img2dataset(
 
     arguments = img2dataset_arguments(url_list, output_folder, settings)
     arguments["save_additional_columns"] = [*arguments["save_additional_columns"], *extra_columns]
-    with first_shard_id(first_shard), guarded_downloads(settings.fetch_policy), spawn_without_main():
+    with first_shard_id(first_shard), guarded_downloads(settings.fetch_policy, settings.start_method), spawn_without_main():
         download(**arguments)
 
 

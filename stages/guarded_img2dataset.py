@@ -10,11 +10,20 @@ writes into it for the whole shard, so a killed worker leaves a truncated tar th
 finished; :class:`AtomicWebDatasetWriter` writes under ``_partial/`` and moves the tar and
 parquet into place on close, before img2dataset writes the shard's ``_stats.json``.
 Everything else -- sharding, resizing, stats -- is img2dataset's own.
+
+Two of img2dataset's fixed costs are left out (measured in the README's Benchmarks): its
+worker pool is spawned, so every worker re-imports img2dataset, webdataset and torch
+(about 3 s of CPU each) before its first image; and a spawned logger process does the
+same only to print running totals, which the stage reports itself from the shards'
+stats. Here the pool is forked from the task process, its imports already done, and no
+logger process is started.
 """
 
 from __future__ import annotations
 
 import io
+import multiprocessing
+import signal
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -81,20 +90,60 @@ class GuardedDownloader(img2dataset_downloader.Downloader):
         return super().__call__(row)
 
 
+class _NoLogger:
+    """Stands in for img2dataset's LoggerProcess: the stage sums the shards' stats itself."""
+
+    def __init__(self, *_: Any, **__: Any) -> None:
+        self.done_shards: set[int] = set()
+
+    def start(self) -> None:
+        pass
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def terminate(self) -> None:
+        pass
+
+
+def _reset_worker_signals() -> None:
+    """A forked worker inherits the task's signal handlers (Airflow's SIGTERM handler among
+    them); the pool stops its workers with SIGTERM, which must simply end them."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+class _PoolContext:
+    """What img2dataset's distributor asks ``get_context("spawn")`` for: a Pool, here
+    started with ``start_method``."""
+
+    def __init__(self, start_method: str) -> None:
+        self.context = multiprocessing.get_context(start_method)
+
+    def Pool(self, processes: int, maxtasksperchild: int | None = None) -> Any:  # noqa: N802 - multiprocessing's name
+        return self.context.Pool(processes, initializer=_reset_worker_signals, maxtasksperchild=maxtasksperchild)
+
+
 @contextmanager
-def guarded_downloads(policy: FetchPolicy) -> Iterator[None]:
-    """Within the block, ``img2dataset.download`` fetches through ``policy`` and writes atomically."""
+def guarded_downloads(policy: FetchPolicy, start_method: str = "spawn") -> Iterator[None]:
+    """Within the block, ``img2dataset.download`` fetches through ``policy``, writes
+    atomically, starts its workers with ``start_method`` and no logger process."""
     img2dataset_main = sys.modules["img2dataset.main"]
+    distributor = sys.modules["img2dataset.distributor"]
 
     def build(*args: Any, **kwargs: Any) -> GuardedDownloader:
         downloader = GuardedDownloader(*args, **kwargs)
         downloader.fetch_policy = policy  # an instance attribute: pickled to the workers
         return downloader
 
-    originals = img2dataset_main.Downloader, img2dataset_main.WebDatasetSampleWriter
+    originals = (img2dataset_main.Downloader, img2dataset_main.WebDatasetSampleWriter, img2dataset_main.LoggerProcess,
+                 distributor.get_context)  # fmt: skip
     img2dataset_main.Downloader = build
     img2dataset_main.WebDatasetSampleWriter = AtomicWebDatasetWriter
+    img2dataset_main.LoggerProcess = _NoLogger
+    distributor.get_context = lambda _method: _PoolContext(start_method)
     try:
         yield
     finally:
-        img2dataset_main.Downloader, img2dataset_main.WebDatasetSampleWriter = originals
+        (img2dataset_main.Downloader, img2dataset_main.WebDatasetSampleWriter, img2dataset_main.LoggerProcess,
+         distributor.get_context) = originals  # fmt: skip

@@ -84,3 +84,8 @@ def test_a_killed_embedding_run_resumes_at_partition_granularity(tmp_path: Path,
     for key in fresh:
         np.testing.assert_allclose(resumed[key], fresh[key], rtol=1e-4, atol=1e-5)
     assert json.loads((killed / "_SUCCESS.json").read_text())["count"] == 32
+    # clip-retrieval's per-partition stats, now kept in the worker's own process: one file
+    # per partition, adding up to every sample.
+    stats = sorted((clean / "stats").glob("*.json"))
+    assert [p.name for p in stats] == [f"stats_{i:05d}.json" for i in range(len(stats))] and len(stats) > 1
+    assert sum(json.loads(p.read_text())["sample_count"] for p in stats) == 32

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -31,12 +33,13 @@ def shard_rows(images: Path) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(p) for p in sorted(images.glob("*.parquet"))], ignore_index=True)
 
 
-def test_every_hostile_url_gets_its_own_status(tmp_path: Path) -> None:
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_every_hostile_url_gets_its_own_status(tmp_path: Path, start_method: str) -> None:
     with HostileServer(trickle_seconds=30) as server:
         part, expected = hostile_part(server, tmp_path)
         settings = DownloadSettings(
             processes_count=1, thread_count=16, number_sample_per_shard=100, timeout=2,
-            fetch_policy=FetchPolicy(allowed_networks=("127.0.0.0/8",), **BOUNDS),
+            fetch_policy=FetchPolicy(allowed_networks=("127.0.0.0/8",), **BOUNDS), start_method=start_method,
         )
         started = time.monotonic()
         numbers = download_part(str(part), str(tmp_path / "images"), settings, dedup_version="test")
@@ -59,3 +62,38 @@ def test_no_request_reaches_loopback_unless_allowed(tmp_path: Path) -> None:
     assert requests == 0
     assert numbers["errors"] == {"refused_private_address": len(expected)}
     assert set(shard_rows(tmp_path / "images")["error_message"]) == {"refused_private_address"}
+
+
+def _handler_in_worker() -> str:
+    return repr(signal.getsignal(signal.SIGTERM))
+
+
+def test_forked_workers_end_on_sigterm_whatever_the_task_installed() -> None:
+    """The pool stops its workers with SIGTERM; a handler inherited from the task (Airflow
+    installs one) must not run in them."""
+    from stages.guarded_img2dataset import _PoolContext
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        with _PoolContext("fork").Pool(1) as pool:
+            in_worker = pool.apply(_handler_in_worker)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert in_worker == repr(signal.SIG_DFL)
+
+
+def test_img2dataset_is_left_as_found() -> None:
+    import img2dataset  # noqa: F401
+
+    from stages.guarded_img2dataset import guarded_downloads
+
+    main, distributor = sys.modules["img2dataset.main"], sys.modules["img2dataset.distributor"]
+    before = (main.Downloader, main.WebDatasetSampleWriter, main.LoggerProcess, distributor.get_context)
+    with guarded_downloads(FetchPolicy(), "fork"):
+        assert main.LoggerProcess is not before[2] and distributor.get_context is not before[3]
+    assert (main.Downloader, main.WebDatasetSampleWriter, main.LoggerProcess, distributor.get_context) == before
+
+
+def test_an_unknown_start_method_is_refused() -> None:
+    with pytest.raises(ValueError, match="'threads' is not one of fork, forkserver, spawn"):
+        DownloadSettings(start_method="threads")

@@ -49,3 +49,26 @@ def test_rebuilds_only_when_embeddings_change(embeddings: Path, tmp_path: Path) 
     np.save(embeddings / "img_emb" / "img_emb_2.npy", clustered(10, 64, 2, 3))
     rebuilt = build_indexes(str(embeddings), str(index), recall_queries=100)
     assert not rebuilt.get("skipped") and rebuilt["image"]["ntotal"] == 3010
+
+
+def test_fewest_probes_is_the_least_nprobe_that_keeps_the_recall_target() -> None:
+    import faiss
+
+    from stages.index import exact_neighbours, fewest_probes, recall_of
+
+    vectors = clustered(20_000, 32, 20, seed=3)  # 20 clusters over 128 lists: neighbours span several lists
+    quantizer = faiss.IndexFlatIP(32)
+    index = faiss.IndexIVFFlat(quantizer, 32, 128, faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add(vectors)
+    sample, truth = exact_neighbours(vectors, queries=300, k=10)
+
+    tuned = fewest_probes(index, sample, truth, "nprobe=128", 0.95)
+    probes = int(tuned.split("=")[1])
+    assert 1 < probes < 128
+    assert recall_of(index, sample, truth, tuned) >= 0.95
+    assert recall_of(index, sample, truth, f"nprobe={probes - 1}") < 0.95  # the least that reaches it
+    # Parameters beside nprobe are kept; an unreachable target or no nprobe leaves the choice alone.
+    assert fewest_probes(index, sample, truth, "nprobe=128,max_codes=0", 0.95) == f"nprobe={probes},max_codes=0"
+    assert fewest_probes(index, sample, truth, "nprobe=1", 0.99) == "nprobe=1"
+    assert fewest_probes(index, sample, truth, None, 0.95) is None
