@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     clip_model = ensure_demo_weights(work / "models" / "demo-vit-s-32.pt")
     record = {"size": args.size, "settings": SIZES[args.size].__dict__, "machine": machine(),
-              "command": f"make bench SIZE={args.size}", "benchmarks": {}}
+              "command": f"make bench SIZE={args.size}" if chosen == list(BENCHES)
+              else f"python -m bench --size {args.size} --only {','.join(chosen)}", "benchmarks": {}}
     started = time.time()
     path = results_path(args.results, args.size)
     write_results(path, record)  # claims the name at once: parallel runs of one size do not collide
