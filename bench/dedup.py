@@ -41,10 +41,13 @@ TO '{out}/rejected.parquet' (FORMAT parquet)
 """
 DUCKDB_PARTS = """
 COPY (SELECT * EXCLUDE (_order), _order % {parts} AS part FROM (
-        SELECT DISTINCT ON (URL, TEXT) SAMPLE_ID, URL, substring(TEXT, 1, 4096) AS TEXT, HEIGHT, WIDTH, LICENSE,
-               NSFW, similarity, hash(URL, TEXT, 0) AS _order
+        SELECT SAMPLE_ID, URL, substring(TEXT, 1, 4096) AS TEXT, HEIGHT, WIDTH, LICENSE, NSFW, similarity,
+               hash(URL, TEXT, 0) AS _order
         FROM tagged WHERE _reason IS NULL
-        ORDER BY URL, TEXT, _file, SAMPLE_ID IS NULL, SAMPLE_ID, HEIGHT, WIDTH, LICENSE, NSFW, similarity)
+        -- one row per (URL, TEXT), chosen by value; a window (which spills to disk) rather
+        -- than DISTINCT ON (which ran out of memory at 10M rows)
+        QUALIFY row_number() OVER (PARTITION BY URL, TEXT ORDER BY _file, SAMPLE_ID IS NULL, SAMPLE_ID, HEIGHT,
+                                   WIDTH, LICENSE, NSFW, similarity) = 1)
       ORDER BY part, _order)
 TO '{out}/parts' (FORMAT parquet, PARTITION_BY (part))
 """
@@ -57,11 +60,11 @@ def duckdb_dedup(raw: str, out: str, partitions: int) -> dict[str, Any]:
     started = time.perf_counter()
     Path(out).mkdir(parents=True, exist_ok=True)
     con = duckdb.connect()
-    # Bounded, spilling to disk beyond: unbounded at 10M rows it grew to the machine's 24 GB
-    # and the kernel killed it. (With this bound it still fails there, in DISTINCT ON, with
-    # DuckDB's own OutOfMemoryException: 10M is not measured on this machine.)
+    # Bounded, spilling to disk beyond: unbounded, the 10M-row case grew to the machine's
+    # 24 GB and the kernel killed it.
     con.execute(f"SET memory_limit = '{DUCKDB_MEMORY}'")
     con.execute(f"SET temp_directory = '{out}/_duckdb_tmp'")
+    con.execute("SET preserve_insertion_order = false")
     con.execute(DUCKDB_SQL.format(raw=raw))
     counts = con.execute(DUCKDB_COUNTS).fetchall()
     con.execute(DUCKDB_REJECTED.format(out=out))
