@@ -7,8 +7,10 @@ and cached under the bench work folder by size, so repetitions and reruns reuse 
 from __future__ import annotations
 
 import io
-import tarfile
 import json
+import os
+import tarfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -86,29 +88,40 @@ def raw_csvs(folder: Path, rows: int, rows_per_file: int = 250_000, seed: int = 
 
 def webdataset_tars(folder: Path, www: Path, names: list[str], per_tar: int, image_size: int = 256) -> list[str]:
     """img2dataset-shaped webdataset tars (jpg, txt, json per sample) of the served JPEGs, resized."""
-    from PIL import Image
-
     folder.mkdir(parents=True, exist_ok=True)
     texts = captions(len(names))["TEXT"].tolist()
     tars = []
     for t, start in enumerate(range(0, len(names), per_tar)):
         tar_path = folder / f"{t:05d}.tar"
         tars.append(str(tar_path))
-        if tar_path.exists():
-            continue
-        with tarfile.open(tar_path, "w") as tar:
-            for i in range(start, min(start + per_tar, len(names))):
-                image = Image.open(www / names[i]).convert("RGB")
-                image.thumbnail((image_size, image_size))
-                jpg = io.BytesIO()
-                image.save(jpg, format="JPEG", quality=95)
-                key = f"{t:05d}{i:05d}"
-                members = {"jpg": jpg.getvalue(), "txt": texts[i].encode(), "json": json.dumps({"key": key}).encode()}
-                for ext, data in members.items():
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+        if not tar_path.exists():
+            end = min(start + per_tar, len(names))
+            images = ((www / names[i]).read_bytes() for i in range(start, end))
+            write_webdataset_tar(tar_path, t, start, images, texts[start:end], image_size)
     return tars
+
+
+def write_webdataset_tar(path: Path, tar_index: int, first: int, images: Iterable[bytes], texts: Sequence[str],
+                         image_size: int = 256) -> None:
+    """One tar in img2dataset's webdataset layout: per sample a JPEG thumbnailed to
+    ``image_size``, its caption and a json, keyed ``<tar_index><first + i>``; written
+    under a temporary name and moved into place."""
+    from PIL import Image
+
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for i, (data, text) in enumerate(zip(images, texts)):
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+            image.thumbnail((image_size, image_size))
+            jpg = io.BytesIO()
+            image.save(jpg, format="JPEG", quality=95)
+            key = f"{tar_index:05d}{first + i:05d}"
+            members = {"jpg": jpg.getvalue(), "txt": text.encode(), "json": json.dumps({"key": key}).encode()}
+            for ext, payload in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    os.replace(tmp, path)
 
 
 def clustered_vectors(n: int, dim: int = 512, clusters: int | None = None, latent: int = 64, seed: int = 0) -> np.ndarray:

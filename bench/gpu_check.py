@@ -56,9 +56,9 @@ CASE_TIMEOUT_S = 150  # at most, per case; less near --deadline-s
 
 
 def _make_tar(job: tuple[int, int, list[str], str, int]) -> str:
-    """One tar in bench.data.webdataset_tars' layout (jpg, txt, json per sample)."""
+    """One tar in bench.data.webdataset_tars' layout, of generated pictures."""
     t, start, texts, path, seed = job
-    from PIL import Image
+    from bench.data import write_webdataset_tar
 
     try:
         from sampleweb.images import make_distinct_jpegs
@@ -67,20 +67,7 @@ def _make_tar(job: tuple[int, int, list[str], str, int]) -> str:
     except Exception as error:  # noqa: BLE001 - photographs missing there: random pictures instead
         print(f"make_distinct_jpegs failed ({error!r}); using random pictures", file=sys.stderr)
         jpegs = _random_jpegs(len(texts), seed)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with tarfile.open(tmp, "w") as tar:
-        for j, (data, text) in enumerate(zip(jpegs, texts)):
-            image = Image.open(io.BytesIO(data)).convert("RGB")
-            image.thumbnail((IMAGE_SIZE, IMAGE_SIZE))
-            jpg = io.BytesIO()
-            image.save(jpg, format="JPEG", quality=95)
-            key = f"{t:05d}{start + j:05d}"
-            members = {"jpg": jpg.getvalue(), "txt": text.encode(), "json": json.dumps({"key": key}).encode()}
-            for ext, payload in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    os.replace(tmp, path)
+    write_webdataset_tar(Path(path), t, start, jpegs, texts, IMAGE_SIZE)
     return path
 
 

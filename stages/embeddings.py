@@ -96,9 +96,9 @@ def compute_embeddings(
     """Embed every image and caption of ``tars``; skipped when the inputs are unchanged.
 
     ``num_prepro_workers`` (JPEG decoding and preprocessing in DataLoader workers) defaults
-    to every core on a GPU, where decoding is the bottleneck (an H100 ran ViT-B/32 at
-    10,400 samples/s; 16 cores decoded 470/s and 2 workers 210/s), and to 2 on a CPU,
-    where the model itself uses the cores.
+    to every core on a GPU, where decoding is the bottleneck (on an H100 the bare ViT-B/32
+    ran at 10,400 samples/s, the stage at 329/s with 16 workers and 211/s with 2), and to
+    2 on a CPU, where the model itself uses the cores.
 
     Work is planned in partitions of whole tars (``_plan.json``). A partition, once
     planned, keeps its tars: shards added later (a retry of failed samples) go to new

@@ -125,7 +125,7 @@ class _PoolContext:
 
 
 @contextmanager
-def guarded_downloads(policy: FetchPolicy, start_method: str = "spawn") -> Iterator[None]:
+def guarded_downloads(policy: FetchPolicy, start_method: str) -> Iterator[None]:
     """Within the block, ``img2dataset.download`` fetches through ``policy``, writes
     atomically, starts its workers with ``start_method`` and no logger process."""
     img2dataset_main = sys.modules["img2dataset.main"]
