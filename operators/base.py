@@ -8,6 +8,8 @@ from typing import Any, Sequence
 from airflow.sdk import BaseOperator
 
 from stages import storage
+from stages.layout import RunLayout
+from stages.settings import settings_from
 
 METRIC_PREFIX = "laion_pipeline"
 
@@ -20,19 +22,34 @@ class StageOperator(BaseOperator):
     value (shown in the UI's XCom tab) and each number is emitted as a StatsD/OpenTelemetry
     gauge ``laion_pipeline.<task_id>.<key>`` through Airflow's own metrics.
 
+    A stage with settings names its dataclass in ``settings_class``; the operator takes
+    their values as ``settings`` (usually ``operators.params.templates_of(settings_class)``)
+    and :meth:`stage_settings` builds the dataclass, defaults filled in.
+
     :param output_root: where the run's artifacts live, a local path or s3://... (templated)
     :param storage_conn_id: Airflow connection with the store's credentials (templated)
+    :param settings: the stage's settings by field name (templated)
     """
 
-    template_fields: Sequence[str] = ("output_root", "storage_conn_id")
+    template_fields: Sequence[str] = ("output_root", "storage_conn_id", "settings")
+    settings_class: type | None = None
 
-    def __init__(self, *, output_root: str, storage_conn_id: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *, output_root: str, storage_conn_id: str | None = None, settings: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.output_root = output_root
         self.storage_conn_id = storage_conn_id
+        self.settings = settings or {}
 
-    def path(self, *parts: str) -> str:
-        return storage.join(str(self.output_root), *parts)
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(str(self.output_root))
+
+    def stage_settings(self) -> Any:
+        if self.settings_class is None:
+            raise TypeError(f"{type(self).__name__} has no settings_class")
+        return settings_from(self.settings_class, self.settings)
 
     def run(self, context: Any) -> dict[str, Any]:
         raise NotImplementedError

@@ -21,6 +21,6 @@ class FetchMetadataOperator(StageOperator):
         from stages.fetch import fetch_metadata
 
         urls = [self.metadata_urls] if isinstance(self.metadata_urls, str) else list(self.metadata_urls)
-        numbers = fetch_metadata(urls, self.path("raw"))
+        numbers = fetch_metadata(urls, self.layout.raw)
         self.log.info("Fetched %d files, kept %d already fetched", numbers["files_fetched"], numbers["files_skipped"])
         return numbers

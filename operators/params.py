@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import jinja2
 from airflow.sdk import Param
 
-REPO = Path(__file__).resolve().parents[1]
-OUTPUT_ROOT = os.environ.get("LAION_OUTPUT_ROOT", str(REPO / "data" / "output"))
-STORAGE_CONN_ID = os.environ.get("LAION_STORAGE_CONN_ID", "laion_storage")
+from stages.settings import default_of, param_fields
+from stages.storage import StorageSettings
+
 DOWNLOAD_POOL = os.environ.get("LAION_DOWNLOAD_POOL", "download")
 GPU_POOL = os.environ.get("LAION_GPU_POOL", "gpu")
 GPU_QUEUE = os.environ.get("LAION_GPU_QUEUE", "gpu")
@@ -67,13 +66,7 @@ DAG_ARGUMENTS = {
 
 
 def storage_params() -> dict[str, Param]:
-    return {
-        "output_root": Param(
-            OUTPUT_ROOT, type="string", minLength=1,
-            description="Local path or s3://bucket/prefix; may hold {{ ds }} (one output per run date).",
-        ),
-        "storage_conn_id": Param(STORAGE_CONN_ID, type="string", description="Airflow connection for s3:// output."),
-    }  # fmt: skip
+    return params_of(StorageSettings)
 
 
 def download_params() -> dict[str, Param]:
@@ -112,3 +105,18 @@ def download_arguments() -> dict[str, Any]:
             "per_host_connections": "{{ params.per_host_connections }}",
         },
     }
+
+
+def params_of(settings_class: type, *, exclude: tuple[str, ...] = ()) -> dict[str, Param]:
+    """The trigger form's params for a settings dataclass: one per field, same name, same
+    default, the field's JSON schema and description (see :mod:`stages.settings`)."""
+    return {
+        field.name: Param(default_of(field), **field.metadata["param"])
+        for field in param_fields(settings_class)
+        if field.name not in exclude
+    }
+
+
+def templates_of(settings_class: type, *, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """An operator's templated ``settings`` for a settings dataclass: each field from its param."""
+    return {field.name: f"{{{{ params.{field.name} }}}}" for field in param_fields(settings_class) if field.name not in exclude}

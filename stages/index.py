@@ -35,8 +35,11 @@ def build_indexes(
     """Build ``image.index`` and ``text.index`` (+ their infos) and measure recall@10.
 
     Rebuilt only when the embeddings or the settings changed (a fingerprint in
-    ``_SUCCESS.json``). Each index is built in a local temporary folder and copied to
-    its final name only when complete.
+    ``_SUCCESS.json``). The two indexes are one publication: both are built in a local
+    temporary folder, and only when both are complete is the old marker removed, each
+    file copied to its final name (each appears whole or not at all) and the new marker
+    written. A kill during the builds leaves the folder as it was; readers take the pair
+    as current only with a ``_SUCCESS.json`` that names its inputs.
     """
     npys = sorted(
         f for kind in KINDS.values() for f in storage.list_files(storage.join(embeddings_folder, kind), "*.npy")
@@ -51,24 +54,34 @@ def build_indexes(
         return {**done, "skipped": True}
 
     result: dict[str, Any] = {"input_fingerprint": inputs, **settings}
-    for name, sub in KINDS.items():
-        result[name] = build_one(
-            storage.join(embeddings_folder, sub),
-            index_folder,
-            name,
-            max_index_memory_usage=max_index_memory_usage,
-            current_memory_available=current_memory_available,
-            index_key=index_key or None,
-            recall_queries=recall_queries,
-            nb_cores=nb_cores,
-        )
-    storage.write_json(marker, result)
+    with tempfile.TemporaryDirectory(prefix="laion-index-") as staging:
+        for name, sub in KINDS.items():
+            result[name] = build_one(
+                storage.join(embeddings_folder, sub),
+                staging,
+                name,
+                max_index_memory_usage=max_index_memory_usage,
+                current_memory_available=current_memory_available,
+                index_key=index_key or None,
+                recall_queries=recall_queries,
+                nb_cores=nb_cores,
+            )
+        publish(staging, index_folder, marker, result)
     return result
+
+
+def publish(staging: str, index_folder: str, marker: str, result: dict[str, Any]) -> None:
+    """Move a complete pair of indexes from ``staging`` into ``index_folder``, marker last."""
+    if storage.exists(marker):
+        storage.remove(marker)  # from here until the new marker, no pair is current
+    for name in sorted(os.listdir(staging)):
+        storage.copy(os.path.join(staging, name), storage.join(index_folder, name))
+    storage.write_json(marker, result)
 
 
 def build_one(
     embeddings: str,
-    index_folder: str,
+    local_folder: str,
     name: str,
     *,
     max_index_memory_usage: str,
@@ -77,42 +90,41 @@ def build_one(
     recall_queries: int,
     nb_cores: int | None,
 ) -> dict[str, Any]:
+    """Build ``<local_folder>/<name>.index`` and its infos from one embeddings folder; its numbers."""
     from autofaiss import build_index
 
     vectors = load_embeddings(embeddings)
     if len(vectors) == 0:
         raise ValueError(f"no embeddings under {embeddings}: nothing to index")
     index_key = index_key or flat_key_within_budget(len(vectors), vectors.shape[1], max_index_memory_usage)
-    with tempfile.TemporaryDirectory(prefix=f"laion-index-{name}-") as tmp:
-        index_path = os.path.join(tmp, f"{name}.index")
-        infos_path = os.path.join(tmp, f"{name}_infos.json")
-        started = time.monotonic()
-        index, infos = build_index(
-            embeddings=embeddings,
-            index_path=index_path,
-            index_infos_path=infos_path,
-            index_key=index_key,
-            max_index_memory_usage=max_index_memory_usage,
-            current_memory_available=current_memory_available,
-            metric_type="ip",
-            nb_cores=nb_cores,
-            # IVF indexes built this way can be memory-mapped by the search service.
-            should_be_memory_mappable=True,
-            verbose=logging.WARNING,
-        )
-        seconds = time.monotonic() - started
-        if index is None:
-            raise RuntimeError(f"autofaiss built no {name} index from {embeddings} (infos: {infos})")
-        sample, truth = exact_neighbours(vectors, queries=recall_queries, k=10)
-        chosen = (infos or {}).get("index_param")
-        index_param = fewest_probes(index, sample, truth, chosen, RECALL_TARGET)
-        recall = recall_of(index, sample, truth, index_param)
-        if index_param != chosen:
-            log.info("%s index: %s keeps recall@10 %.3f (autofaiss chose %s)", name, index_param, recall, chosen)
-            storage.write_json(infos_path, {**infos, "index_param": index_param, "autofaiss_index_param": chosen})
-        size = os.path.getsize(index_path)
-        for local in (index_path, infos_path):
-            storage.copy(local, storage.join(index_folder, os.path.basename(local)))
+    os.makedirs(local_folder, exist_ok=True)
+    index_path = os.path.join(local_folder, f"{name}.index")
+    infos_path = os.path.join(local_folder, f"{name}_infos.json")
+    started = time.monotonic()
+    index, infos = build_index(
+        embeddings=embeddings,
+        index_path=index_path,
+        index_infos_path=infos_path,
+        index_key=index_key,
+        max_index_memory_usage=max_index_memory_usage,
+        current_memory_available=current_memory_available,
+        metric_type="ip",
+        nb_cores=nb_cores,
+        # IVF indexes built this way can be memory-mapped by the search service.
+        should_be_memory_mappable=True,
+        verbose=logging.WARNING,
+    )
+    seconds = time.monotonic() - started
+    if index is None:
+        raise RuntimeError(f"autofaiss built no {name} index from {embeddings} (infos: {infos})")
+    sample, truth = exact_neighbours(vectors, queries=recall_queries, k=10)
+    chosen = (infos or {}).get("index_param")
+    index_param = fewest_probes(index, sample, truth, chosen, RECALL_TARGET)
+    recall = recall_of(index, sample, truth, index_param)
+    if index_param != chosen:
+        log.info("%s index: %s keeps recall@10 %.3f (autofaiss chose %s)", name, index_param, recall, chosen)
+        storage.write_json(infos_path, {**infos, "index_param": index_param, "autofaiss_index_param": chosen})
+    size = os.path.getsize(index_path)
     return {
         "index_key": (infos or {}).get("index_key"),
         "index_param": index_param,

@@ -15,10 +15,29 @@ import posixpath
 import shutil
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from stages.settings import setting
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Where a run's artifacts go, and the credentials for a remote store."""
+
+    output_root: str = setting(
+        str(REPO / "data" / "output"), env="LAION_OUTPUT_ROOT", type="string", minLength=1,
+        description="Local path or s3://bucket/prefix; may hold {{ ds }} (one output per run date).",
+    )  # fmt: skip
+    storage_conn_id: str = setting(
+        "laion_storage", env="LAION_STORAGE_CONN_ID", type="string", description="Airflow connection for s3:// output."
+    )
 
 
 def join(root: str, *parts: str) -> str:
@@ -77,6 +96,11 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
+def remove(url: str) -> None:
+    fs, path = url_to_fs(url)
+    fs.rm(path)
+
+
 def read_json(url: str) -> Any:
     with fsspec.open(url, "r") as f:
         return json.load(f)
@@ -131,11 +155,16 @@ def write_text(url: str, text: str) -> None:
         f.write(text)
 
 
+def url_of(fs: Any, path: str, like: str) -> str:
+    """A path that ``fs`` returned (fsspec strips the protocol) as a URL of the same kind as ``like``:
+    ``s3://bucket/key`` for a remote ``like``, a plain local path otherwise."""
+    if not is_remote(like):
+        return path
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (list, tuple)) else fs.protocol
+    return f"{protocol}://{path}"
+
+
 def list_files(url: str, pattern: str = "*") -> list[str]:
     """Files directly under ``url`` matching ``pattern``, as full URLs or paths, sorted."""
     fs, path = url_to_fs(url)
-    found = fs.glob(posixpath.join(path.rstrip("/"), pattern))
-    protocol = fs.protocol[0] if isinstance(fs.protocol, (list, tuple)) else fs.protocol
-    if is_remote(url):
-        return sorted(f"{protocol}://{p}" for p in found)
-    return sorted(found)
+    return sorted(url_of(fs, p, like=url) for p in fs.glob(posixpath.join(path.rstrip("/"), pattern)))

@@ -1,5 +1,10 @@
-"""SIGKILL build_index in the middle of its build, rerun: no partial index is ever visible
-and the rebuilt index holds every embedding."""
+"""SIGKILL build_index once the image index is built and the text index is training, rerun:
+neither index is visible before both are complete, and the rebuilt pair holds every embedding.
+
+A pair of indexes is one publication: ``image.index`` without its ``text.index`` (or with
+the text index of other embeddings) is never current, so nothing of a killed build may
+appear under a final name.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,17 @@ build_indexes(sys.argv[1], sys.argv[2], index_key="OPQ32_128,IVF64,PQ32x8", reca
 """
 
 
+def wait_for(found, what: str, worker: subprocess.Popen, deadline_s: float = 600) -> Path:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        hit = found()
+        if hit is not None:
+            return hit
+        assert worker.poll() is None, f"the build ended (exit {worker.returncode}) before {what}"
+        time.sleep(0.05)
+    raise AssertionError(f"no {what} within {deadline_s} s")
+
+
 def test_a_killed_index_build_leaves_nothing_and_rebuilds(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     embeddings = tmp_path / "embeddings"
@@ -28,13 +44,18 @@ def test_a_killed_index_build_leaves_nothing_and_rebuilds(tmp_path: Path) -> Non
         vectors = centers[rng.integers(200, size=20000)] + 0.1 * rng.normal(size=(20000, 128))
         np.save(embeddings / sub / f"{sub}_0.npy", (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype("float32"))
     index = tmp_path / "index"
-    worker = subprocess.Popen([sys.executable, "-c", BUILD, str(embeddings), str(index)], start_new_session=True)
-    time.sleep(8)  # model loading done, OPQ training under way
-    assert worker.poll() is None, "the build finished before it could be killed: make it bigger"
-    os.killpg(worker.pid, signal.SIGKILL)
-    worker.wait()
+    scratch = tmp_path / "scratch"  # the build's temporary folders, where its progress is seen
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    worker = subprocess.Popen([sys.executable, "-c", BUILD, str(embeddings), str(index)], start_new_session=True, env=env)
+    try:
+        # The image index is complete in the staging folder; the text index is being built.
+        wait_for(lambda: next(iter(scratch.glob("laion-index-*/image_infos.json")), None), "a built image index", worker)
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
     assert not index.exists() or not [p for p in index.iterdir() if p.suffix == ".index" or p.name == "_SUCCESS.json"]
-    subprocess.run([sys.executable, "-c", BUILD, str(embeddings), str(index)], check=True, timeout=900)
+    subprocess.run([sys.executable, "-c", BUILD, str(embeddings), str(index)], check=True, timeout=900, env=env)
     import faiss
 
     for name in ("image", "text"):

@@ -1,0 +1,183 @@
+"""Where a run's artifacts live, and when each stage's output is complete.
+
+Every stage, operator, the report and the search plugin ask a :class:`RunLayout` for a
+path ("the current parts", "the finished shards of these parts", "the index folder")
+instead of joining strings, and ask a :class:`Marker` whether an output is done for given
+inputs instead of reading marker files themselves.
+
+::
+
+    <output_root>/
+      raw/                          fetched metadata files (raw/_rejected/: files set aside)
+      dedup/part-00000.parquet ...  unique (URL, TEXT) rows; dedup/_stats.json marks them done
+      images/<part>/0000000000.tar  webdataset shards; <shard>_stats.json marks each done
+      embeddings/{img_emb,text_emb,metadata}/   clip-retrieval's layout; _SUCCESS.json
+      index/{image,text}.index      autofaiss indexes; _SUCCESS.json marks the pair
+      index/metadata/, index/offsets/<part>/<shard>.parquet   search files; _SEARCH.json
+      report/report.{json,html}
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from fsspec.core import url_to_fs
+
+from stages import storage
+
+# Each completion marker is written last: its stage's output is complete exactly when it
+# exists, and it records what the output was made from.
+DEDUP_MARKER = "_stats.json"
+EMBEDDINGS_MARKER = "_SUCCESS.json"
+INDEX_MARKER = "_SUCCESS.json"
+SEARCH_MARKER = "_SEARCH.json"
+SHARD_STATS_SUFFIX = "_stats.json"  # img2dataset's: a shard is done when its stats exist
+
+
+@dataclass(frozen=True)
+class Marker:
+    """A stage's completion marker: a JSON file holding its numbers and the inputs they came from."""
+
+    url: str
+
+    def read(self) -> dict[str, Any] | None:
+        return storage.read_json_or_none(self.url)
+
+    def done_with(self, inputs: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The recorded marker when it was made from exactly ``inputs``, else None."""
+        recorded = self.read()
+        if recorded is None or any(recorded.get(key) != value for key, value in inputs.items()):
+            return None
+        return recorded
+
+    def mark_done(self, inputs: Mapping[str, Any], numbers: Mapping[str, Any]) -> dict[str, Any]:
+        """Write the marker (after every output it vouches for); returns what was written."""
+        recorded = {**numbers, **inputs}
+        storage.write_json(self.url, recorded)
+        return recorded
+
+    def clear(self) -> None:
+        """Remove the marker: its output is no longer current until marked done again."""
+        if storage.exists(self.url):
+            storage.remove(self.url)
+
+
+class RunLayout:
+    """The paths of one run's artifacts under ``output_root`` (a local path or a URL)."""
+
+    def __init__(self, output_root: str) -> None:
+        self.output_root = str(output_root)
+
+    def __repr__(self) -> str:
+        return f"RunLayout({self.output_root!r})"
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.output_root, *parts)
+
+    # --- stage folders ----------------------------------------------------------------
+    @property
+    def raw(self) -> str:
+        return self.path("raw")
+
+    @property
+    def dedup(self) -> str:
+        return self.path("dedup")
+
+    @property
+    def images(self) -> str:
+        return self.path("images")
+
+    @property
+    def embeddings(self) -> str:
+        return self.path("embeddings")
+
+    @property
+    def index(self) -> str:
+        return self.path("index")
+
+    @property
+    def report(self) -> str:
+        return self.path("report")
+
+    # --- completion markers -------------------------------------------------------------
+    @property
+    def dedup_marker(self) -> Marker:
+        return Marker(self.path("dedup", DEDUP_MARKER))
+
+    @property
+    def embeddings_marker(self) -> Marker:
+        return Marker(self.path("embeddings", EMBEDDINGS_MARKER))
+
+    @property
+    def index_marker(self) -> Marker:
+        return Marker(self.path("index", INDEX_MARKER))
+
+    @property
+    def search_marker(self) -> Marker:
+        return Marker(self.path("index", SEARCH_MARKER))
+
+    def has_index(self) -> bool:
+        """Whether a complete pair of indexes is published (what the search plugin offers)."""
+        return storage.exists(self.index_marker.url)
+
+    # --- dedup parts ----------------------------------------------------------------------
+    def dedup_stats(self) -> dict[str, Any]:
+        """dedup's ``_stats.json``; a clear error when dedup has not finished here."""
+        stats = self.dedup_marker.read()
+        if stats is None:
+            raise FileNotFoundError(f"{self.dedup_marker.url} does not exist: the dedup stage has not finished for {self.output_root}")
+        return stats
+
+    def current_parts(self, dedup_stats: Mapping[str, Any] | None = None) -> list[str]:
+        """The part names (``part-00000`` ...) of the current dedup output."""
+        stats = self.dedup_stats() if dedup_stats is None else dedup_stats
+        return [p.split(".")[0] for p in stats["parts"]]
+
+    def dedup_version(self, dedup_stats: Mapping[str, Any] | None = None) -> str:
+        """Names one dedup output: same raw input, partitions and seed give the same parts."""
+        stats = self.dedup_stats() if dedup_stats is None else dedup_stats
+        return f'{stats["input_fingerprint"]}-p{stats["partitions"]}-s{stats.get("seed", 0)}'
+
+    def part(self, part: str) -> str:
+        """A dedup part's parquet file (``dedup/part-00003.parquet``)."""
+        return self.path("dedup", f"{part}.parquet")
+
+    def part_images(self, part: str) -> str:
+        """The folder of a part's shards (``images/part-00003``)."""
+        return self.path("images", part)
+
+    # --- shards ---------------------------------------------------------------------------
+    def shard_stats(self, parts: list[str] | None = None) -> list[str]:
+        """The ``*_stats.json`` of every finished shard of ``parts`` (default: the current parts), sorted."""
+        parts = self.current_parts() if parts is None else parts
+        fs, root = url_to_fs(self.images)
+        found = (f for part in parts for f in fs.glob(posixpath.join(root, part, "*" + SHARD_STATS_SUFFIX)))
+        return sorted(storage.url_of(fs, f, like=self.output_root) for f in found)
+
+    def current_shards(self, parts: list[str] | None = None) -> list[str]:
+        """The tar of every finished shard of ``parts`` (default: the current parts), sorted.
+
+        A shard is finished once img2dataset wrote its stats file and its tar exists.
+        """
+        tars = []
+        for stats in self.shard_stats(parts):
+            tar = stats[: -len(SHARD_STATS_SUFFIX)] + ".tar"
+            if storage.exists(tar):
+                tars.append(tar)
+        return tars
+
+    def offsets_table(self, part: str, shard: str) -> str:
+        """Where a shard's member offsets live (``index/offsets/<part>/<shard>.parquet``)."""
+        return self.path("index", "offsets", part, f"{shard}.parquet")
+
+    def offsets_tables(self) -> list[str]:
+        fs, root = url_to_fs(self.index)
+        found = fs.glob(posixpath.join(root, "offsets", "*", "*.parquet"))
+        return sorted(storage.url_of(fs, f, like=self.output_root) for f in found)
+
+
+def shard_location(tar_url: str) -> tuple[str, str]:
+    """``.../images/part-00001/0000100002.tar`` -> (``part-00001``, ``0000100002``)."""
+    return posixpath.basename(posixpath.dirname(tar_url)), posixpath.basename(tar_url)[: -len(".tar")]
