@@ -40,7 +40,7 @@ def from_env(text: str, default: Any, name: str) -> Any:
     try:
         return type(default)(text)
     except ValueError:
-        raise ValueError(f"environment variable {name}={text!r} is not a {type(default).__name__}") from None
+        raise ValueError(f"environment variable {name}={text!r}: expected {type(default).__name__}") from None
 
 
 def param_fields(settings_class: type) -> list[dataclasses.Field]:
@@ -94,4 +94,4 @@ def converted(value: Any, default: Any, name: str) -> Any:
     try:
         return type(default)(value)
     except (TypeError, ValueError):
-        raise ValueError(f"setting {name} = {value!r} is not a {type(default).__name__}") from None
+        raise ValueError(f"setting {name} = {value!r}: expected {type(default).__name__}") from None

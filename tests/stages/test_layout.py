@@ -1,0 +1,94 @@
+"""RunLayout and Marker on a local folder and on a real S3 server (moto, on loopback)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from stages import storage
+from stages.layout import Marker, RunLayout, shard_location
+
+
+def make_run(root: str) -> RunLayout:
+    """Two current parts with finished and unfinished shards, and a folder of an old part."""
+    layout = RunLayout(root)
+    layout.dedup_marker.mark_done({"input_fingerprint": "f", "partitions": 2, "seed": 0}, {"parts": ["part-00000.parquet", "part-00001.parquet"]})
+    files = {
+        "images/part-00000/0000000000.tar": "t", "images/part-00000/0000000000_stats.json": "{}",
+        "images/part-00000/0000000001.tar": "t",  # no stats yet: unfinished
+        "images/part-00001/0000100000_stats.json": "{}",  # stats without a tar: not a shard
+        "images/part-00001/0000100001.tar": "t", "images/part-00001/0000100001_stats.json": "{}",
+        "images/part-00007/0000700000.tar": "t", "images/part-00007/0000700000_stats.json": "{}",  # not current
+        "index/offsets/part-00001/0000100001.parquet": "o",
+    }  # fmt: skip
+    for name, text in files.items():
+        storage.write_text(layout.path(name), text)
+    return layout
+
+
+def check_run(layout: RunLayout, root: str) -> None:
+    assert layout.current_parts() == ["part-00000", "part-00001"]
+    assert layout.dedup_version() == "f-p2-s0"
+    assert layout.current_shards() == [
+        storage.join(root, "images", "part-00000", "0000000000.tar"),
+        storage.join(root, "images", "part-00001", "0000100001.tar"),
+    ]
+    assert layout.current_shards(["part-00007"]) == [storage.join(root, "images", "part-00007", "0000700000.tar")]
+    assert layout.offsets_tables() == [layout.offsets_table("part-00001", "0000100001")]
+    assert [shard_location(t) for t in layout.current_shards()] == [("part-00000", "0000000000"), ("part-00001", "0000100001")]
+    assert layout.part("part-00001") == storage.join(root, "dedup", "part-00001.parquet")
+    assert not layout.has_index()
+
+
+def test_layout_of_a_local_run(tmp_path: Path) -> None:
+    root = str(tmp_path / "run")
+    check_run(make_run(root), root)
+
+
+def test_layout_of_a_run_on_s3(s3_bucket: str) -> None:
+    root = f"s3://{s3_bucket}/runs/a"
+    check_run(make_run(root), root)
+
+
+def test_a_run_without_dedup_says_which_file_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"dedup/_stats.json does not exist: the dedup stage has not finished"):
+        RunLayout(str(tmp_path)).current_parts()
+
+
+def test_a_marker_is_done_only_for_the_inputs_it_records(tmp_path: Path) -> None:
+    marker = Marker(str(tmp_path / "embeddings" / "_SUCCESS.json"))
+    assert marker.read() is None and marker.done_with({"input_fingerprint": "a"}) is None
+    written = marker.mark_done({"input_fingerprint": "a", "clip_model": "m"}, {"count": 3})
+    assert json.loads((tmp_path / "embeddings" / "_SUCCESS.json").read_text()) == written == {"input_fingerprint": "a", "clip_model": "m", "count": 3}
+    assert marker.done_with({"input_fingerprint": "a", "clip_model": "m"}) == written
+    assert marker.done_with({"input_fingerprint": "a", "clip_model": "other"}) is None
+    assert marker.done_with({"input_fingerprint": "b"}) is None
+    marker.clear()
+    assert marker.read() is None
+    marker.clear()  # clearing an absent marker is not an error
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    config = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setitem(fsspec.config.conf, "s3", config)
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
+    fsspec.filesystem("s3").mkdir("layout-test")
+    try:
+        yield "layout-test"
+    finally:
+        fsspec.get_filesystem_class("s3").clear_instance_cache()
+        server.stop()
