@@ -25,16 +25,20 @@ export LAION_SEARCH_ROOTS ?= $(CURDIR)/data/demo/output
 
 venv: $(VENV)/.installed
 
+# pip's output (resolver warnings included) goes to install.log; its tail is shown when it fails.
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
-	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip "setuptools<81" wheel
-	$(PIP) install --quiet -r requirements.txt
-	$(PIP) install --quiet --no-deps -r requirements-nodeps.txt
-	$(PIP) install --quiet --no-deps -e .
-	touch $@
+	@mkdir -p $(VENV) && echo "installing the venv (log: $(VENV)/install.log)"
+	@pip="$(PIP) install --quiet --disable-pip-version-check"; { \
+	  { test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV); } && \
+	  $$pip --upgrade pip "setuptools<81" wheel && \
+	  $$pip -r requirements.txt && \
+	  $$pip --no-deps -r requirements-nodeps.txt && \
+	  $$pip --no-deps -e . ; \
+	} > $(VENV)/install.log 2>&1 || { tail -n 30 $(VENV)/install.log >&2; echo "venv install failed; full log: $(VENV)/install.log" >&2; exit 1; }
+	@touch $@
 
 demo: venv
-	$(PY) scripts/demo.py
+	@$(PY) scripts/demo.py
 
 test: venv browser cluster-deps
 	$(PY) -m pytest -q tests
@@ -52,10 +56,10 @@ cluster-deps:
 test-cluster: venv cluster-deps
 	$(PY) -m pytest -q tests/cluster
 
+# Stage lines in the terminal; the full log in data/logs/ (run_dag.py migrates the database too).
 run: venv
 	@test -n "$(CONF)" || (echo "usage: make run CONF=path/to/conf.json" >&2; exit 2)
-	$(PY) -m airflow db migrate >/dev/null
-	$(PY) scripts/run_dag.py $(CONF)
+	@$(PY) scripts/run_dag.py $(CONF)
 
 up: venv
 	$(PY) scripts/setup_airflow.py

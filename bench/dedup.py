@@ -15,6 +15,7 @@ from typing import Any
 from bench.data import raw_csvs
 from bench.harness import PY, REPO, Bench, env_for_tools, run_json, run_timed
 from bench.sizes import Size
+from stages.layout import DEDUP_MARKER
 
 PARTITIONS = 4
 DUCKDB_MEMORY = "10GB"
@@ -75,10 +76,10 @@ def duckdb_dedup(raw: str, out: str, partitions: int) -> dict[str, Any]:
 
 
 def spark_command(raw: Path, out: Path) -> list[str]:
-    """What DedupOperator submits through spark_default (local[*]): stages/dedup_job.py and its argv."""
+    """What DedupOperator submits through spark_default (local[*]): stages/dedup/job.py and its argv."""
     spark_submit = str(Path(PY).with_name("spark-submit"))
     return [spark_submit, "--master", "local[*]", "--name", "laion-dedup",
-            str(REPO / "stages" / "dedup_job.py"), "--input", str(raw), "--output", str(out),
+            str(REPO / "stages" / "dedup" / "job.py"), "--input", str(raw), "--output", str(out),
             "--partitions", str(PARTITIONS), "--seed", "0"]
 
 
@@ -95,7 +96,7 @@ def run(size: Size, work: Path) -> Bench:
         def spark(rep: int, rows: int = rows, out: Path = out) -> dict[str, Any]:
             shutil.rmtree(out / "spark", ignore_errors=True)
             done = run_timed(bench.commands[f"spark_{rows}"], env=env_for_tools())
-            stats = __import__("json").loads((out / "spark" / "_stats.json").read_text())
+            stats = __import__("json").loads((out / "spark" / DEDUP_MARKER).read_text())
             return {"seconds": done["seconds"], "rows_in": stats["rows_in"], "rows_out": stats["rows_out"],
                     "job_seconds": stats["seconds"], "rows_per_s": round(stats["rows_in"] / done["seconds"])}
 

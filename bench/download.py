@@ -15,7 +15,7 @@ from bench.sizes import Size
 from bench.web import static_server
 
 IMAGE_SIZE, RESIZE_MODE, ENCODE_QUALITY, THREADS = 256, "border", 95, 32
-ADDITIONAL_COLUMNS = ["SAMPLE_ID", "NSFW", "similarity", "LICENSE"]  # as stages.download saves
+ADDITIONAL_COLUMNS = ["SAMPLE_ID", "NSFW", "similarity", "LICENSE"]  # as stages.images.download saves
 
 
 def bare_command(parquet: Path, out: Path, processes: int, shard_samples: int) -> list[str]:

@@ -23,11 +23,12 @@ SAMPLES_PER_TAR = 64
 
 
 def stage(out: str, clip_model: str, batch_size: int, tars: list[str]) -> dict[str, Any]:
-    from stages.embeddings import compute_embeddings
+    from stages.embeddings import EmbeddingSettings, compute_embeddings
+    from stages.layout import RunLayout
 
+    settings = EmbeddingSettings(clip_model=clip_model, clip_batch_size=batch_size)
     started = time.perf_counter()
-    numbers = compute_embeddings(tars, out, clip_model=clip_model, samples=len(tars) * SAMPLES_PER_TAR,
-                                 batch_size=batch_size)
+    numbers = compute_embeddings(tars, RunLayout(out), settings, samples=len(tars) * SAMPLES_PER_TAR)
     seconds = time.perf_counter() - started
     return {"seconds": round(seconds, 4), "count": numbers["count"], "text_count": numbers["text_count"],
             "compute_seconds": numbers["compute_seconds"]}

@@ -168,6 +168,7 @@ PROBE = (
 
 def case_stage(spec: dict[str, Any]) -> dict[str, Any]:
     import stages.embeddings as se
+    from stages.layout import RunLayout
 
     parts: dict[str, float] = {}
     preload = se.preload_clip
@@ -184,12 +185,14 @@ def case_stage(spec: dict[str, Any]) -> dict[str, Any]:
     se.preload_clip = timed_preload
     out = spec["out"]
     shutil.rmtree(out, ignore_errors=True)
+    layout = RunLayout(out)  # the stage writes layout.embeddings under out
+    settings = se.EmbeddingSettings(clip_model=spec["clip_model"], clip_batch_size=spec["batch"],
+                                    num_prepro_workers=spec["workers"])
     started = time.perf_counter()
-    numbers = se.compute_embeddings(spec["tars"], out, clip_model=spec["clip_model"], samples=spec["samples"],
-                                    batch_size=spec["batch"], num_prepro_workers=spec["workers"])
+    numbers = se.compute_embeddings(spec["tars"], layout, settings, samples=spec["samples"])
     seconds = time.perf_counter() - started
     stats: dict[str, float] = {}
-    for path in sorted(Path(out, "stats").glob("*.json")):
+    for path in sorted(Path(layout.embeddings, "stats").glob("*.json")):
         for key, value in json.loads(Path(path).read_text()).items():
             if key.endswith("_duration") or key == "sample_count":
                 stats[key] = round(stats.get(key, 0) + value, 4)

@@ -6,7 +6,7 @@ set -euo pipefail
 raw=$1 out=$2 partitions=$3 processes=$4 threads=$5 shard=$6 model=$7 batch=$8
 here=$(cd "$(dirname "$0")/.." && pwd)
 
-spark-submit --master 'local[*]' --name laion-dedup "$here/stages/dedup_job.py" \
+spark-submit --master 'local[*]' --name laion-dedup "$here/stages/dedup/job.py" \
   --input "$raw" --output "$out/dedup" --partitions "$partitions"
 
 for part in "$out"/dedup/part-*.parquet; do

@@ -24,7 +24,7 @@ MEMORY_BUDGET, MEMORY_AVAILABLE = "4G", "8G"  # the DAG's defaults
 def build_and_query(vectors_npy: str, work: str, queries: int) -> dict[str, Any]:
     import faiss
 
-    from stages import index as stage
+    from stages.index import build as stage
 
     work_dir = Path(work)
     emb = work_dir / "img_emb"

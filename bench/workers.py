@@ -19,12 +19,11 @@ from typing import Any
 
 
 def download_stage(part: str, out: str, settings_json: str) -> dict[str, Any]:
-    """stages.download.download_part as the DAG's task calls it, loopback opened as the demo does."""
-    from stages.download import DownloadSettings, download_part
-    from stages.safe_fetch import policy_from_params
+    """stages.images.download.download_part as the DAG's task calls it, loopback opened as the demo does."""
+    from stages.images.download import DownloadSettings, download_part
+    from stages.settings import settings_from
 
-    settings = DownloadSettings(**json.loads(settings_json),
-                                fetch_policy=policy_from_params({"allowed_networks": ["127.0.0.0/8"]}))
+    settings = settings_from(DownloadSettings, {**json.loads(settings_json), "allowed_networks": ["127.0.0.0/8"]})
     numbers = download_part(part, out, settings, dedup_version="bench")
     return {"stage_seconds": numbers["seconds"], "stage_successes": numbers["successes"],
             "start_method": settings.start_method}

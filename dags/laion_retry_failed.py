@@ -12,25 +12,19 @@ same parts (`images/<part>/0000050000.tar`...); the next `laion_pipeline` run ov
 
 from __future__ import annotations
 
-from airflow.sdk import Param, dag
+from airflow.sdk import dag
 
 from operators.download import ListPartsOperator, RetryFailedSamplesOperator
-from operators.params import CONN, DAG_ARGUMENTS, DOWNLOAD_POOL, ROOT, download_arguments, download_params, storage_params
-from stages.retry import TRANSIENT_REASONS
+from operators.params import CONN, DAG_ARGUMENTS, DOWNLOAD_POOL, ROOT, params_of, storage_params, templates_of
+from stages.images.download import IMAGE_SETTINGS
+from stages.images.retry import RetrySettings
 
 
 @dag(
     dag_id="laion_retry_failed",
     schedule=None,
-    params={
-        **storage_params(),
-        "reasons": Param(
-            list(TRANSIENT_REASONS), type="array", minItems=1, uniqueItems=True,
-            items={"type": "string", "enum": list(TRANSIENT_REASONS)},
-            description="Which failures to retry (http_5xx: any 5xx status).",
-        ),
-        **download_params(),
-    },  # fmt: skip
+    # The image settings are not asked for: a retry reuses those the part was downloaded with.
+    params={**storage_params(), **params_of(RetrySettings, exclude=IMAGE_SETTINGS)},
     doc_md=__doc__,
     tags=["laion", "images"],
     **DAG_ARGUMENTS,
@@ -42,8 +36,7 @@ def laion_retry_failed() -> None:
         task_id="retry_failed_samples",
         pool=DOWNLOAD_POOL,
         map_index_template="{{ task.part }}",
-        reasons="{{ params.reasons }}",
-        **download_arguments(),
+        settings=templates_of(RetrySettings, exclude=IMAGE_SETTINGS),
         **stage,
     ).expand(part=parts.output)
 

@@ -26,6 +26,10 @@ class StageOperator(BaseOperator):
     their values as ``settings`` (usually ``operators.params.templates_of(settings_class)``)
     and :meth:`stage_settings` builds the dataclass, defaults filled in.
 
+    An operator that works through another operator class lists StageOperator first among
+    its bases (``DedupOperator(StageOperator, SparkSubmitOperator)``): ``execute`` is this
+    one, and its :meth:`run` calls the other class's ``execute``.
+
     :param output_root: where the run's artifacts live, a local path or s3://... (templated)
     :param storage_conn_id: Airflow connection with the store's credentials (templated)
     :param settings: the stage's settings by field name (templated)

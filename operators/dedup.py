@@ -1,96 +1,64 @@
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
-from operators.base import emit_stage_metrics, timed
-from stages import storage
+from operators.base import StageOperator
+from stages.dedup.settings import DedupSettings
+from stages.layout import RunLayout
 
-DEDUP_JOB = str(Path(__file__).resolve().parents[1] / "stages" / "dedup_job.py")
+DEDUP_JOB = str(Path(__file__).resolve().parents[1] / "stages" / "dedup" / "job.py")
+SEED = 0  # of the parts' shuffle: fixed, so the same raw files and settings give the same parts
 
 
-def dedup_job_args(
-    *,
-    output_root: str,
-    partitions: int,
-    seed: int = 0,
-    max_caption_length: int = 4096,
-    long_captions: str = "truncate",
-    bad_files: str = "fail",
-) -> list[str]:
-    """The dedup application's argv: raw files in, parquet parts out."""
+def dedup_job_args(layout: RunLayout, settings: DedupSettings, seed: int = SEED) -> list[str]:
+    """The dedup application's argv: the run's raw files in, its parquet parts out."""
+    policy = settings.policy
     return [
-        "--input", storage.join(output_root, "raw"),
-        "--output", storage.join(output_root, "dedup"),
-        "--partitions", str(partitions),
+        "--input", layout.raw,
+        "--output", layout.dedup,
+        "--partitions", str(settings.dedup_partitions),
         "--seed", str(seed),
-        "--max-caption-length", str(max_caption_length),
-        "--long-captions", long_captions,
-        "--bad-files", bad_files,
+        "--max-caption-length", str(policy.max_caption_length),
+        "--long-captions", policy.long_captions,
+        "--bad-files", policy.bad_files,
     ]  # fmt: skip
 
 
-class DedupOperator(SparkSubmitOperator):
-    """spark-submit of ``stages/dedup_job.py`` through the ``spark_default`` connection.
+class DedupOperator(StageOperator, SparkSubmitOperator):
+    """spark-submit of ``stages/dedup/job.py`` through the ``spark_default`` connection.
 
-    The store's credentials reach the Spark application through fsspec's environment
-    configuration, never through its argv (which Airflow logs). Returns the job's
-    ``_stats.json`` with the wall time of the whole submission.
+    StageOperator comes first among the bases: its ``execute`` sets up storage, times the
+    task and publishes the numbers :meth:`run` returns; :meth:`run` submits through
+    SparkSubmitOperator's ``execute``, unless the output is already current. The store's
+    credentials reach the Spark application through fsspec's environment configuration,
+    never through its argv (which Airflow logs). Returns the job's ``_stats.json`` numbers,
+    the job's own time as ``job_seconds``.
 
     :param output_root: the run's artifact root (templated)
-    :param partitions: number of parquet parts to write (templated)
     :param storage_conn_id: connection holding the store's credentials (templated)
-    :param row_policy: max_caption_length, long_captions, bad_files (templated)
+    :param settings: :class:`stages.dedup.settings.DedupSettings` by field name (templated)
     """
 
-    template_fields: Sequence[str] = (
-        *SparkSubmitOperator.template_fields,
-        "output_root",
-        "partitions",
-        "storage_conn_id",
-        "row_policy",
-    )
+    template_fields: Sequence[str] = (*SparkSubmitOperator.template_fields, *StageOperator.template_fields)
+    settings_class = DedupSettings
 
-    def __init__(
-        self,
-        *,
-        output_root: str,
-        partitions: int | str,
-        storage_conn_id: str | None = None,
-        row_policy: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("application", DEDUP_JOB)
         kwargs.setdefault("name", "laion-dedup")
         super().__init__(**kwargs)
-        self.output_root = output_root
-        self.partitions = partitions
-        self.storage_conn_id = storage_conn_id
-        self.row_policy = row_policy or {}
 
-    def execute(self, context: Any) -> dict[str, Any]:
-        from dataclasses import asdict
+    def run(self, context: Any) -> dict[str, Any]:
+        from stages.dedup.outputs import current_output
 
-        from stages.dedup import RowPolicy, current_output
-
-        root = str(self.output_root)
-        storage.configure_storage(root, self.storage_conn_id)
-        policy = RowPolicy(
-            max_caption_length=int(self.row_policy.get("max_caption_length", 4096)),
-            long_captions=str(self.row_policy.get("long_captions", "truncate")),
-            bad_files=str(self.row_policy.get("bad_files", "fail")),
-        )
-        started = time.time()
+        layout, settings = self.layout, self.stage_settings()
         # Already made from these raw files and settings: no Spark application is submitted.
-        stats = current_output(storage.join(root, "raw"), storage.join(root, "dedup"), int(self.partitions), 0, policy)
+        stats = current_output(layout.raw, layout.dedup_marker, settings, SEED)
         if stats is None:
-            self.application_args = dedup_job_args(output_root=root, partitions=int(self.partitions), **asdict(policy))
-            super().execute(context)
-            stats = storage.read_json(storage.join(root, "dedup", "_stats.json"))
+            self.application_args = dedup_job_args(layout, settings)
+            SparkSubmitOperator.execute(self, context)
+            stats = layout.dedup_stats()
         numbers = {k: v for k, v in stats.items() if k not in ("files", "seconds", "policy")}
-        numbers = timed(started, time.time(), {**numbers, "job_seconds": stats.get("seconds")})
-        emit_stage_metrics(self.task_id, numbers)
-        return numbers
+        return {**numbers, "job_seconds": stats.get("seconds")}

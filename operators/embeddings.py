@@ -1,39 +1,28 @@
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 from operators.base import StageOperator
+from stages.embeddings import EmbeddingSettings, compute_embeddings
+from stages.images.shards import summarize_shards
 
 
 class ClipEmbeddingsOperator(StageOperator):
     """clip-retrieval inference over every finished shard of the run (CUDA when present).
 
-    :param clip_model: any model string clip-retrieval accepts (templated)
-    :param batch_size: inference batch size (templated)
-    :param num_prepro_workers: image decoding workers; by default every core on a GPU, 2 on a CPU
+    ``settings``: :class:`stages.embeddings.EmbeddingSettings` by field name (templated).
     """
 
-    template_fields: Sequence[str] = (*StageOperator.template_fields, "clip_model", "batch_size")
-
-    def __init__(self, *, clip_model: str, batch_size: int | str = 256, num_prepro_workers: int | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.clip_model = clip_model
-        self.batch_size = batch_size
-        self.num_prepro_workers = num_prepro_workers
+    settings_class = EmbeddingSettings
 
     def run(self, context: Any) -> dict[str, Any]:
-        from stages import storage
-        from stages.download import current_parts, summarize_shards
-        from stages.embeddings import compute_embeddings, list_tars
-
-        parts = current_parts(storage.read_json(self.path("dedup", "_stats.json")))
+        layout = self.layout
+        parts = layout.current_parts()
         numbers = compute_embeddings(
-            list_tars(self.path("images"), parts),
-            self.path("embeddings"),
-            samples=summarize_shards(self.path("images"), parts)["successes"],
-            clip_model=str(self.clip_model),
-            batch_size=int(self.batch_size),
-            num_prepro_workers=self.num_prepro_workers,
+            layout.current_shards(parts),
+            layout,
+            self.stage_settings(),
+            samples=summarize_shards(layout.images, parts)["successes"],
         )
         self.log.info("%d image embeddings of dimension %d", numbers["count"], numbers["dim"])
         return numbers

@@ -1,5 +1,5 @@
 """What ``laion_pipeline`` and ``laion_retry_failed`` share: deployment defaults, the params
-of storage and downloads, and the run-date templating of params.
+of storage, params and templates from settings dataclasses, and the run-date templating of params.
 
 Deployment defaults come from ``LAION_*`` environment variables (see the README).
 """
@@ -67,44 +67,6 @@ DAG_ARGUMENTS = {
 
 def storage_params() -> dict[str, Param]:
     return params_of(StorageSettings)
-
-
-def download_params() -> dict[str, Param]:
-    """How images are requested: workers and the download guard's bounds."""
-    return {
-        "processes_count": Param(int(os.environ.get("LAION_PROCESSES_COUNT", os.cpu_count() or 1)), type="integer", minimum=1, maximum=256),
-        "thread_count": Param(int(os.environ.get("LAION_THREAD_COUNT", 32)), type="integer", minimum=1, maximum=1024),
-        "timeout": Param(10, type="integer", minimum=1, maximum=600, description="Seconds per socket operation of an image request."),
-        "allowed_networks": Param(
-            [n for n in os.environ.get("LAION_ALLOWED_NETWORKS", "").split(",") if n],
-            type="array", items={"type": "string", "minLength": 1},
-            description="CIDRs that downloads may reach although private (loopback, LAN...). Empty: public addresses only.",
-        ),
-        "max_download_seconds": Param(30, type="number", exclusiveMinimum=0, maximum=3600, description="Wall-clock limit per image, redirects and waits included."),
-        "max_image_bytes": Param(32 * 1024 * 1024, type="integer", minimum=1024, description="Largest body accepted."),
-        "max_redirects": Param(5, type="integer", minimum=0, maximum=30),
-        "max_image_pixels": Param(100_000_000, type="integer", minimum=1, description="Declared pixel count above which an image is a decompression bomb."),
-        "max_retry_after_seconds": Param(10, type="number", minimum=0, maximum=600, description="Longest Retry-After (429/503) honoured."),
-        "per_host_connections": Param(0, type="integer", minimum=0, description="Concurrent connections per host and worker process; 0: no cap."),
-    }  # fmt: skip
-
-
-def download_arguments() -> dict[str, Any]:
-    """The download operators' templated arguments for :func:`download_params`."""
-    return {
-        "processes_count": "{{ params.processes_count }}",
-        "thread_count": "{{ params.thread_count }}",
-        "timeout": "{{ params.timeout }}",
-        "fetch_policy": {
-            "allowed_networks": "{{ params.allowed_networks }}",
-            "max_seconds": "{{ params.max_download_seconds }}",
-            "max_bytes": "{{ params.max_image_bytes }}",
-            "max_redirects": "{{ params.max_redirects }}",
-            "max_pixels": "{{ params.max_image_pixels }}",
-            "max_retry_after": "{{ params.max_retry_after_seconds }}",
-            "per_host_connections": "{{ params.per_host_connections }}",
-        },
-    }
 
 
 def params_of(settings_class: type, *, exclude: tuple[str, ...] = ()) -> dict[str, Param]:

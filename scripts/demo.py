@@ -1,21 +1,23 @@
 """`make demo`: build a sample web, serve it on 127.0.0.1, run laion_pipeline over it.
 
-Everything lands under data/demo/: the sample web (web/), the run's artifacts (output/)
-and the demo's CLIP weights (models/). Prints the stages, the report's path and one search.
+Everything lands under data/demo/: the sample web (web/), the run's artifacts (output/),
+the demo's CLIP weights (models/) and the run's full log (logs/). Prints a line per stage,
+then the report's numbers, its path and one search.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
+from typing import TextIO
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from run_dag import run_pipeline  # noqa: E402
+from progress import Console, new_log_file, run_logged  # noqa: E402
+from run_dag import migrate_db, run_watched  # noqa: E402
 
 from sampleweb.build import build_sample_web  # noqa: E402
 from sampleweb.demo_model import ensure_demo_weights  # noqa: E402
@@ -42,41 +44,44 @@ def demo_conf(web: Path, output: Path, clip_model: str) -> dict:
     }
 
 
-def print_summary(output: Path, clip_model: str) -> None:
+def print_summary(output: Path, clip_model: str, out: TextIO | None = None) -> None:
     from stages.search import RunIndex, TextEncoder
 
+    out = out or sys.stdout
     report = json.loads((output / "report" / "report.json").read_text())
-    print("\nstage                duration_s")
-    for stage in report["stages"]:
-        print(f"{stage['name']:<20} {stage['duration_s']:>10.1f}")
-    print("\nfunnel:", ", ".join(f"{f['step']} {f['count']}" for f in report["funnel"]))
     d = report["download"]
-    print(f"download: {d['successes']} ok, {d['failed_to_download']} failed to download, {d['failed_to_resize']} failed to resize")
-    for name, index in report["index"].items():
-        print(f"{name} index: {index['index_key']}, {index['ntotal']} vectors, recall@10 {index['recall_at_10']}")
-    print(f"\nreport: {output / 'report' / 'report.html'}")
+    lines = [
+        "stages (s): " + ", ".join(f"{s['name']} {s['duration_s']:.1f}" for s in report["stages"]),
+        "funnel: " + ", ".join(f"{f['step']} {f['count']}" for f in report["funnel"]),
+        f"download: {d['successes']} ok, {d['failed_to_download']} failed to download, {d['failed_to_resize']} failed to resize",
+        *(f"{name} index: {i['index_key']}, {i['ntotal']} vectors, recall@10 {i['recall_at_10']}" for name, i in report["index"].items()),
+        f"report: {output / 'report' / 'report.html'}",
+    ]
     query = "a photo of a cat"
-    hits = RunIndex(str(output)).search_vector(TextEncoder(clip_model).encode(query), k=5)
-    print(f"\nsearch {query!r} (demo weights are untrained: the ranking carries no meaning):")
-    for hit in hits:
-        print(f"  {hit.score:+.3f}  {hit.key}  {hit.caption[:70]}")
+    hits = RunIndex(str(output)).search_vector(TextEncoder(clip_model).encode(query), k=3)
+    lines.append(f"search {query!r} (the demo weights are untrained: the ranking carries no meaning):")
+    lines += [f"  {hit.score:+.3f}  {hit.key}  {hit.caption[:70]}" for hit in hits]
+    out.write("".join(line + "\n" for line in lines))
+    out.flush()
 
 
-def main() -> int:
-    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, stdout=subprocess.DEVNULL)
+def run_demo(console: Console) -> bool:
+    migrate_db()
     clip_model = ensure_demo_weights(DEMO / "models" / "demo-vit-s-32.pt")
     web, output = DEMO / "web", DEMO / "output"
     shutil.rmtree(output, ignore_errors=True)
     (web / "www").mkdir(parents=True, exist_ok=True)
     with SampleWebServer(web / "www") as server:
         expected = build_sample_web(web, server.url)
-        print(f"sample web on {server.url}: {expected['rows_out']} unique rows, {expected['successes']} good images")
-        dag_run = run_pipeline(demo_conf(web, output, clip_model))
-    if not str(dag_run.state).endswith("success"):
-        print(f"demo run {dag_run.run_id} ended {dag_run.state}", file=sys.stderr)
-        return 1
-    print_summary(output, clip_model)
-    return 0
+        console.line(f"sample web on {server.url}: {expected['rows_out']} unique rows, {expected['successes']} good images")
+        if not run_watched(demo_conf(web, output, clip_model), console, every=5):
+            return False
+    print_summary(output, clip_model, console.stream)
+    return True
+
+
+def main() -> int:
+    return run_logged("demo", new_log_file(DEMO / "logs"), run_demo)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """clip_embeddings: webdataset tars -> CLIP image/text embeddings, through clip-retrieval.
 
 The output is clip-retrieval's own layout (``img_emb/img_emb_<i>.npy``,
-``text_emb/text_emb_<i>.npy``, ``metadata/metadata_<i>.parquet``), one partition per tar,
-so autofaiss and clip-retrieval's back end read it unchanged.
+``text_emb/text_emb_<i>.npy``, ``metadata/metadata_<i>.parquet``), one triple per
+partition of tars, so autofaiss and clip-retrieval's back end read it unchanged.
 """
 
 from __future__ import annotations
@@ -17,22 +17,38 @@ import os
 import posixpath
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
 
 from stages import storage
+from stages.layout import RunLayout
 from stages.processes import spawn_without_main
+from stages.settings import setting
 
 log = logging.getLogger(__name__)
 
-MARKER = "_SUCCESS.json"
 PLAN = "_plan.json"  # the partitioning that finished partitions belong to
 DONE = "_done"  # one empty file per finished partition, written after its outputs
 PARTIAL = "_partial"  # where a partition is written before it is moved into place
 OUTPUTS = ("img_emb", "text_emb", "metadata", "stats")
 PARTITION_DIGITS = 5
+
+
+@dataclass(frozen=True)
+class EmbeddingSettings:
+    """The CLIP model and how it is fed."""
+
+    clip_model: str = setting(
+        "open_clip:ViT-B-32/laion2b_s34b_b79k", env="LAION_CLIP_MODEL", type="string", minLength=1,
+        description="Any model string clip-retrieval accepts.",
+    )  # fmt: skip
+    clip_batch_size: int = setting(256, type="integer", minimum=1, maximum=65536)
+    # Not on the trigger form: the right number depends on the machine, not on the run
+    # (None: every core on a GPU, 2 on a CPU; see compute_embeddings).
+    num_prepro_workers: int | None = None
 
 
 def fingerprint(urls: list[str]) -> str:
@@ -42,18 +58,6 @@ def fingerprint(urls: list[str]) -> str:
         fs, path = url_to_fs(url)
         h.update(f"{url}\0{fs.size(path)}\n".encode())
     return h.hexdigest()
-
-
-def list_tars(images_root: str, parts: list[str]) -> list[str]:
-    """Every finished shard under ``images/<part>/`` for ``parts``: a tar counts once its stats file exists."""
-    fs, path = url_to_fs(images_root)
-    tars = []
-    found = (f for part in parts for f in fs.glob(posixpath.join(path, part, "*_stats.json")))
-    for stats in sorted(found):
-        tar = stats[: -len("_stats.json")] + ".tar"
-        if fs.exists(tar):
-            tars.append(tar if not storage.is_remote(images_root) else f"{images_root.split('://')[0]}://{tar}")
-    return tars
 
 
 def plan_partitions(shards: int, prepro_workers: int, samples: int, samples_per_partition: int) -> tuple[int, int]:
@@ -85,62 +89,59 @@ def register_webdataset_schemes() -> None:
 
 def compute_embeddings(
     tars: list[str],
-    output_folder: str,
+    layout: RunLayout,
+    settings: EmbeddingSettings,
     *,
-    clip_model: str,
     samples: int,
-    batch_size: int = 256,
-    num_prepro_workers: int | None = None,
     samples_per_partition: int = 10_000,
 ) -> dict[str, Any]:
-    """Embed every image and caption of ``tars``; skipped when the inputs are unchanged.
+    """Embed every image and caption of ``tars`` into ``layout.embeddings``; skipped when
+    the inputs are unchanged.
 
-    ``num_prepro_workers`` (JPEG decoding and preprocessing in DataLoader workers) defaults
-    to every core on a GPU, where decoding is the bottleneck (on an H100 the bare ViT-B/32
-    ran at 10,400 samples/s, the stage at 329/s with 16 workers and 211/s with 2), and to
-    2 on a CPU, where the model itself uses the cores.
+    ``settings.num_prepro_workers`` (JPEG decoding and preprocessing in DataLoader
+    workers) defaults to every core on a GPU, where decoding is the bottleneck (on an H100
+    the bare ViT-B/32 ran at 10,400 samples/s, the stage at 329/s with 16 workers and 211/s
+    with 2), and to 2 on a CPU, where the model itself uses the cores.
 
     Work is planned in partitions of whole tars (``_plan.json``). A partition, once
     planned, keeps its tars: shards added later (a retry of failed samples) go to new
     partitions, so only those are computed; finished partitions are never redone.
     """
     if not tars:
-        raise ValueError("no finished image shards to embed: did every download fail?")
-    marker = storage.join(output_folder, MARKER)
-    inputs = fingerprint(tars)
-    done = storage.read_json_or_none(marker)
-    if done and done.get("input_fingerprint") == inputs and done.get("clip_model") == clip_model:
-        log.info("Skipping clip_embeddings: %s matches the %d input shards", MARKER, len(tars))
+        raise ValueError(f"no finished image shards to embed under {layout.images}: did every download fail?")
+    output_folder, marker = layout.embeddings, layout.embeddings_marker
+    inputs = {"input_fingerprint": fingerprint(tars), "clip_model": settings.clip_model}
+    done = marker.done_with(inputs)
+    if done is not None:
+        log.info("Skipping clip_embeddings: %s matches the %d input shards", marker.url, len(tars))
         return {**done, "skipped": True}
 
     import torch
 
     register_webdataset_schemes()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if num_prepro_workers is None:
-        num_prepro_workers = (os.cpu_count() or 2) if device == "cuda" else 2
+    if settings.num_prepro_workers is None:
+        settings = replace(settings, num_prepro_workers=(os.cpu_count() or 2) if device == "cuda" else 2)
     plan_url = storage.join(output_folder, PLAN)
     previous = storage.read_json_or_none(plan_url)
     plan, kept = extend_plan(
-        previous, tars, clip_model, samples=samples, samples_per_partition=samples_per_partition, workers=num_prepro_workers
-    )
+        previous, tars, settings.clip_model,
+        samples=samples, samples_per_partition=samples_per_partition, workers=settings.num_prepro_workers,
+    )  # fmt: skip
     if not kept:
         log.info("Starting a new embedding plan: no %s for these shards and this model", PLAN)
-        _clear(output_folder)
+        _clear(layout)
     if plan != previous:
         storage.write_json(plan_url, plan)
     finished = finished_partitions(output_folder)
     todo = [i for i in range(len(plan["partitions"])) if i not in finished]
     log.info(
         "Embedding %d shards in %d partitions with %s on %s; %d partitions already done",
-        len(tars), len(plan["partitions"]), clip_model, device, len(plan["partitions"]) - len(todo),
+        len(tars), len(plan["partitions"]), settings.clip_model, device, len(plan["partitions"]) - len(todo),
     )  # fmt: skip
     started = time.monotonic()
     for partition in todo:
-        embed_partition(
-            partition, plan["partitions"][partition]["tars"], output_folder,
-            clip_model=clip_model, batch_size=batch_size, num_prepro_workers=num_prepro_workers,
-        )  # fmt: skip
+        embed_partition(partition, plan["partitions"][partition]["tars"], output_folder, settings)
     seconds = time.monotonic() - started
     count, dim = count_embeddings(storage.join(output_folder, "img_emb"))
     text_count, _ = count_embeddings(storage.join(output_folder, "text_emb"))
@@ -149,16 +150,13 @@ def compute_embeddings(
         "text_count": text_count,
         "dim": dim,
         "device": device,
-        "clip_model": clip_model,
-        "input_fingerprint": inputs,
         "shards": len(tars),
         "partitions": len(plan["partitions"]),
         "partitions_computed": len(todo),
         "compute_seconds": round(seconds, 3),
         "samples_per_second": round(count / seconds, 2) if seconds and todo else None,
     }
-    storage.write_json(marker, numbers)  # last: the stage is done once this exists
-    return numbers
+    return marker.mark_done(inputs, numbers)  # last: the stage is done once the marker exists
 
 
 def extend_plan(
@@ -194,9 +192,11 @@ def extend_plan(
     return {"clip_model": clip_model, "partitions": partitions}, keep
 
 
-def _clear(output_folder: str) -> None:
-    fs, path = url_to_fs(output_folder)
-    for sub in (*OUTPUTS, DONE, PARTIAL, PLAN, MARKER):
+def _clear(layout: RunLayout) -> None:
+    """Remove every embedding and the marker: the plan starts over."""
+    layout.embeddings_marker.clear()
+    fs, path = url_to_fs(layout.embeddings)
+    for sub in (*OUTPUTS, DONE, PARTIAL, PLAN):
         if fs.exists(posixpath.join(path, sub)):
             fs.rm(posixpath.join(path, sub), recursive=True)
 
@@ -220,16 +220,14 @@ def embed_partition(
     partition: int,
     tars: list[str],
     output_folder: str,
-    *,
-    clip_model: str,
-    batch_size: int,
-    num_prepro_workers: int,
+    settings: EmbeddingSettings,
 ) -> None:
     """One partition through clip-retrieval's worker, written aside, then moved into place.
 
     clip-retrieval writes its npy and parquet files straight to their final names and has
     no resume; here a partition's files appear in place only once all are complete, and a
     ``_done/<partition>`` file then records it, so a rerun skips it.
+    ``settings.num_prepro_workers`` must be set (:func:`compute_embeddings` resolves None).
     """
     from clip_retrieval.clip_inference.worker import worker
 
@@ -238,7 +236,7 @@ def embed_partition(
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
     staging_url = storage.join(output_folder, PARTIAL, str(partition))
-    preload_clip(clip_model, batch_size)
+    preload_clip(settings.clip_model, settings.clip_batch_size)
     try:
         with spawn_without_main(), stats_in_process():
             worker(
@@ -250,10 +248,10 @@ def embed_partition(
                 enable_text=True,
                 enable_image=True,
                 enable_metadata=True,
-                batch_size=batch_size,
+                batch_size=settings.clip_batch_size,
                 # webdataset fails on a DataLoader worker left without a tar
-                num_prepro_workers=max(1, min(num_prepro_workers, len(tars))),
-                clip_model=clip_model,
+                num_prepro_workers=max(1, min(settings.num_prepro_workers, len(tars))),
+                clip_model=settings.clip_model,
                 use_jit=False,
             )
     finally:
@@ -336,12 +334,12 @@ def load_embeddings(folder: str) -> "Any":
     return np.concatenate(arrays) if arrays else np.zeros((0, 0), dtype="float32")
 
 
-def preload_clip(clip_model: str, batch_size: int) -> None:
+def preload_clip(clip_model: str, clip_batch_size: int) -> None:
     """Load the model into all_clip's cache exactly as clip-retrieval's worker asks for it,
     warmed up on one sample instead of two full batches.
 
-    clip-retrieval warms the model up with two batches of ``batch_size`` images and
-    captions: on a CPU that costs as much as embedding ``2 * batch_size`` more samples. One
+    clip-retrieval warms the model up with two batches of ``clip_batch_size`` images and
+    captions: on a CPU that costs as much as embedding ``2 * clip_batch_size`` more samples. One
     sample is enough for the first call's allocations.
     """
     from all_clip import main as all_clip_main
@@ -349,6 +347,6 @@ def preload_clip(clip_model: str, batch_size: int) -> None:
     full_warmup = all_clip_main.warmup
     all_clip_main.warmup = lambda _batch_size, *args: full_warmup(1, *args)
     try:  # the same keyword arguments, in the same order, as the worker's call: the same cache entry
-        all_clip_main.load_clip(clip_model=clip_model, use_jit=False, warmup_batch_size=batch_size, clip_cache_path=None)
+        all_clip_main.load_clip(clip_model=clip_model, use_jit=False, warmup_batch_size=clip_batch_size, clip_cache_path=None)
     finally:
         all_clip_main.warmup = full_warmup

@@ -101,6 +101,28 @@ class RunLayout:
     def report(self) -> str:
         return self.path("report")
 
+    # --- files inside the stage folders -------------------------------------------------
+    def embedding_files(self, kind: str) -> str:
+        """clip-retrieval's output folder of one kind: ``img_emb``, ``text_emb`` or ``metadata``."""
+        return self.path("embeddings", kind)
+
+    def index_file(self, name: str) -> str:
+        """An autofaiss index: ``index/image.index`` or ``index/text.index``."""
+        return self.path("index", f"{name}.index")
+
+    @property
+    def search_metadata(self) -> str:
+        """The embeddings' metadata in index order, for search (``index/metadata/``)."""
+        return self.path("index", "metadata")
+
+    @property
+    def report_json(self) -> str:
+        return self.path("report", "report.json")
+
+    @property
+    def report_html(self) -> str:
+        return self.path("report", "report.html")
+
     # --- completion markers -------------------------------------------------------------
     @property
     def dedup_marker(self) -> Marker:

@@ -9,7 +9,8 @@ import logging
 from typing import Any
 
 from stages import storage
-from stages.download import current_parts, summarize_shards
+from stages.images.shards import summarize_shards
+from stages.layout import Marker, RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,20 @@ def stage_durations(stage_numbers: dict[str, list[dict[str, Any]]]) -> list[dict
     return stages
 
 
-def build_report(output_root: str, stage_numbers: dict[str, list[dict[str, Any]]], run: dict[str, Any]) -> dict[str, Any]:
+def finished(marker: Marker, stage: str, layout: RunLayout) -> dict[str, Any]:
+    """What ``marker`` records; a clear error when ``stage`` has not finished."""
+    recorded = marker.read()
+    if recorded is None:
+        raise FileNotFoundError(f"{marker.url} does not exist: {stage} has not finished for {layout.output_root}")
+    return recorded
+
+
+def build_report(layout: RunLayout, stage_numbers: dict[str, list[dict[str, Any]]], run: dict[str, Any]) -> dict[str, Any]:
     """Assemble report.json from the artifacts on storage (the truth) and the tasks' timings."""
-    path = lambda *p: storage.join(output_root, *p)  # noqa: E731
-    dedup = storage.read_json(path("dedup", "_stats.json"))
-    shards = summarize_shards(path("images"), current_parts(dedup))
-    embeddings = storage.read_json(path("embeddings", "_SUCCESS.json"))
-    index = storage.read_json(path("index", "_SUCCESS.json"))
+    dedup = layout.dedup_stats()
+    shards = summarize_shards(layout.images, layout.current_parts(dedup))
+    embeddings = finished(layout.embeddings_marker, "clip_embeddings", layout)
+    index = finished(layout.index_marker, "build_index", layout)
     count = shards["count"]
     download = {
         "count": count,
@@ -141,14 +149,14 @@ table{{border-collapse:collapse;margin:.5em 0}} td,th{{border:1px solid #ddd;pad
 """
 
 
-def write_report(output_root: str, report: dict[str, Any]) -> dict[str, Any]:
+def write_report(layout: RunLayout, report: dict[str, Any]) -> dict[str, Any]:
     """Write report.html, then report.json (last: its presence marks a complete report).
 
     Skipped when report.json was made from the same artifacts: it keeps describing the run
     that made them, byte for byte.
     """
-    json_url = storage.join(output_root, "report", "report.json")
-    html_url = storage.join(output_root, "report", "report.html")
+    json_url = storage.join(layout.report, "report.json")
+    html_url = storage.join(layout.report, "report.html")
     previous = storage.read_json_or_none(json_url)
     if previous is not None and previous.get("inputs_fingerprint") == report["inputs_fingerprint"]:
         log.info("Skipping report: %s (run %s) describes the same artifacts", json_url, previous["run"].get("run_id"))

@@ -17,7 +17,7 @@ T = TypeVar("T")
 PARAM = "param"  # the metadata key of a field's JSON schema and description
 
 
-def setting(default: Any, *, description: str = "", env: str | None = None, **schema: Any) -> Any:
+def setting(default: Any, *, description: str | None = None, env: str | None = None, **schema: Any) -> Any:
     """A dataclass field that is also a DAG param.
 
     ``env`` names the ``LAION_*`` variable whose value, when set, replaces ``default``

@@ -20,9 +20,10 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from laion_search import report_page
-from laion_search.catalog import DAG_ID, Run, UnknownRun
+from laion_search.catalog import DAG_ID, Run, UnknownRun, report_url
 from laion_search.service import SearchService
 from stages import storage
+from stages.layout import RunLayout
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_K = 100
@@ -162,7 +163,7 @@ def _thumbnail(request: Request, run_id: str, key: str) -> str:
 
 
 def _run_info(run: Run) -> RunInfo:
-    built = storage.read_json_or_none(storage.join(run.output_root, "index", "_SUCCESS.json")) or {}
+    built = RunLayout(run.output_root).index_marker.read() or {}
     image = built.get("image", {})
     return RunInfo(
         run_id=run.run_id,
@@ -173,7 +174,7 @@ def _run_info(run: Run) -> RunInfo:
         vectors=image.get("ntotal"),
         index_key=image.get("index_key"),
         recall_at_10=image.get("recall_at_10"),
-        has_report=storage.exists(storage.join(run.output_root, "report", "report.json")),
+        has_report=storage.exists(report_url(run.output_root)),
     )
 
 
@@ -283,7 +284,7 @@ def report_json(_: Reader, run: RunParam) -> dict[str, Any]:
 
 
 def _report_of(run: Run) -> dict[str, Any]:
-    report = storage.read_json_or_none(storage.join(run.output_root, "report", "report.json"))
+    report = storage.read_json_or_none(report_url(run.output_root))
     if report is None:
         raise HTTPException(404, f"run {run.run_id} has no report/report.json under {run.output_root}")
     return report

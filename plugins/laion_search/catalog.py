@@ -1,8 +1,8 @@
 """Which finished runs can be searched: laion_pipeline's successful runs, plus LAION_SEARCH_ROOTS.
 
-A run is offered when its ``output_root`` holds ``index/_SUCCESS.json``. Reruns continue the
-dataset under the same root, so one root is offered once, under its newest successful run;
-older runs that wrote the same root resolve to it too.
+A run is offered when its ``output_root`` holds a published index (``RunLayout.has_index``).
+Reruns continue the dataset under the same root, so one root is offered once, under its
+newest successful run; older runs that wrote the same root resolve to it too.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from stages import storage
+from stages.layout import RunLayout
+from stages.storage import StorageSettings
 
 log = logging.getLogger(__name__)
 
 DAG_ID = "laion_pipeline"
-REPO = Path(__file__).resolve().parents[2]
 SEARCH_ROOTS_ENV = "LAION_SEARCH_ROOTS"
 
 
@@ -35,11 +35,6 @@ class Run:
 
 class UnknownRun(LookupError):
     """No finished run with an index goes by this id."""
-
-
-def default_output_root() -> str:
-    """The DAG's ``output_root`` param default, as dags/laion_pipeline.py computes it."""
-    return os.environ.get("LAION_OUTPUT_ROOT", str(REPO / "data" / "output"))
 
 
 def successful_dag_runs() -> list[dict[str, Any]]:
@@ -61,6 +56,11 @@ def successful_dag_runs() -> list[dict[str, Any]]:
         {"run_id": run_id, "conf": conf or {}, "end_date": end.isoformat() if end else None, "logical_date": logical}
         for run_id, conf, end, logical in rows
     ]
+
+
+def report_url(output_root: str) -> str:
+    """The run's report.json (written by the report stage)."""
+    return storage.join(RunLayout(output_root).report, "report.json")
 
 
 def rendered_root(root: str, logical_date: Any) -> str | None:
@@ -87,20 +87,25 @@ def _same_root(root: str) -> str:
 def _has_index(root: str, conn_id: str | None) -> bool:
     try:
         storage.configure_storage(root, conn_id)
-        return storage.exists(storage.join(root, "index", "_SUCCESS.json"))
+        return RunLayout(root).has_index()
     except Exception:  # an unreachable store hides that run, the others stay listed
         log.warning("Cannot check %s for an index; not offering it", root, exc_info=True)
         return False
 
 
-def find_runs(dag_runs: list[dict[str, Any]], search_roots: list[str]) -> list[Run]:
-    """The searchable runs: one per output root, the newest successful run first."""
+def find_runs(dag_runs: list[dict[str, Any]], search_roots: list[str], defaults: StorageSettings | None = None) -> list[Run]:
+    """The searchable runs: one per output root, the newest successful run first.
+
+    A run whose conf leaves ``output_root`` or ``storage_conn_id`` out used the DAG's
+    defaults, ``defaults`` (the params' defaults: ``StorageSettings()``).
+    """
+    defaults = defaults or StorageSettings()
     runs: dict[str, Run] = {}
     for dag_run in dag_runs:
-        root = rendered_root(str(dag_run["conf"].get("output_root") or default_output_root()), dag_run.get("logical_date"))
+        root = rendered_root(str(dag_run["conf"].get("output_root") or defaults.output_root), dag_run.get("logical_date"))
         if root is None:
             continue
-        conn_id = dag_run["conf"].get("storage_conn_id") or os.environ.get("LAION_STORAGE_CONN_ID", "laion_storage")
+        conn_id = dag_run["conf"].get("storage_conn_id") or defaults.storage_conn_id
         same = _same_root(root)
         if same in runs:
             known = runs[same]
@@ -109,12 +114,11 @@ def find_runs(dag_runs: list[dict[str, Any]], search_roots: list[str]) -> list[R
             runs[same] = Run(dag_run["run_id"], root, "airflow", dag_run["end_date"], conn_id)
     for root in search_roots:
         same = _same_root(root)
-        conn_id = os.environ.get("LAION_STORAGE_CONN_ID", "laion_storage")
-        if same in runs or not _has_index(root, conn_id):
+        if same in runs or not _has_index(root, defaults.storage_conn_id):
             continue
-        report = storage.read_json_or_none(storage.join(root, "report", "report.json")) or {}
+        report = storage.read_json_or_none(report_url(root)) or {}
         run_id = report.get("run", {}).get("run_id") or os.path.basename(root.rstrip("/"))
-        runs[same] = Run(run_id, root, SEARCH_ROOTS_ENV, None, conn_id)
+        runs[same] = Run(run_id, root, SEARCH_ROOTS_ENV, None, defaults.storage_conn_id)
     return list(runs.values())
 
 

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from laion_search.catalog import Run, RunCatalog
+from laion_search.encoder import ClipEncoder
+from laion_search.reader import Hit, RunIndex, SampleReader
 from stages import storage
-from stages.search import INDEX_ASSET, ClipEncoder, Hit, RunIndex, SampleReader
+from stages.index import INDEX_ASSET
+from stages.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ class LoadedRun:
 
 
 def index_fingerprint(output_root: str) -> str | None:
-    built = storage.read_json_or_none(storage.join(output_root, "index", "_SUCCESS.json")) or {}
+    built = RunLayout(output_root).index_marker.read() or {}
     return built.get("input_fingerprint")
 
 
@@ -125,7 +128,10 @@ class SearchService:
         fingerprint = index_fingerprint(run.output_root)
         index = RunIndex(run.output_root)
         index.index, index.rows  # noqa: B018 - load now, under the lock, not in the first query
-        embeddings = storage.read_json(storage.join(run.output_root, "embeddings", "_SUCCESS.json"))
+        marker = index.layout.embeddings_marker
+        embeddings = marker.read()
+        if embeddings is None:  # its clip_model names the model that queries must be encoded with
+            raise FileNotFoundError(f"{marker.url} does not exist: the CLIP model of run {run.run_id} is unknown")
         log.info(
             "Loaded %s: %d vectors (%s) in %.2f s",
             run.output_root, index.index.ntotal, "memory-mapped" if index.memory_mapped else "in memory",

@@ -101,9 +101,8 @@ def test_report_lists_every_stage_with_a_duration(finished: Any) -> None:
 def test_an_image_query_returns_that_image_first(finished: Any, clip_model: str) -> None:
     import torch
     from all_clip import load_clip
+    from laion_search.reader import RunIndex  # plugins/ is on sys.path once airflow is imported
     from PIL import Image
-
-    from stages.search import RunIndex
 
     import hashlib
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import sys
 import tarfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +148,17 @@ def unique_image_keys(tar_samples: dict[str, dict[str, bytes]]) -> list[str]:
     for key, files in tar_samples.items():
         owners.setdefault(files["jpg"], []).append(key)
     return sorted(keys[0] for keys in owners.values() if len(keys) == 1)
+
+
+@pytest.fixture(scope="session")
+def without_search_files() -> Callable[[Path], None]:
+    """``without_search_files(root)``: removes what build_index publishes for search from a run."""
+    from stages.layout import RunLayout
+
+    def remove(root: Path) -> None:
+        layout = RunLayout(str(root))
+        shutil.rmtree(Path(layout.index) / "offsets")
+        shutil.rmtree(Path(layout.index) / "metadata")
+        layout.search_marker.clear()
+
+    return remove

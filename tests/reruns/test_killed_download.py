@@ -18,10 +18,10 @@ from sampleweb.hostile import HostileServer
 
 DOWNLOAD = """
 import sys
-from stages.download import DownloadSettings, download_part
-from stages.safe_fetch import FetchPolicy
-settings = DownloadSettings(processes_count=1, thread_count=4, number_sample_per_shard=10, timeout=30,
-                            fetch_policy=FetchPolicy(allowed_networks=("127.0.0.0/8",), max_seconds=float(sys.argv[3])))
+from stages.images.download import DownloadSettings, download_part
+from stages.images.safe_fetch import FetchPolicy
+policy = FetchPolicy(allowed_networks=("127.0.0.0/8",), max_download_seconds=float(sys.argv[3]))
+settings = DownloadSettings(processes_count=1, thread_count=4, number_sample_per_shard=10, timeout=30, fetch_policy=policy)
 download_part(sys.argv[1], sys.argv[2], settings, dedup_version="v1")
 """
 

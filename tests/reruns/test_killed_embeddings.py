@@ -19,10 +19,11 @@ from PIL import Image
 
 EMBED = """
 import json, sys
-from stages.embeddings import compute_embeddings
+from stages.embeddings import EmbeddingSettings, compute_embeddings
+from stages.layout import RunLayout
 tars = json.loads(sys.argv[1])
-compute_embeddings(tars, sys.argv[2], clip_model=sys.argv[3], samples=32, batch_size=8,
-                   num_prepro_workers=1, samples_per_partition=8)
+settings = EmbeddingSettings(clip_model=sys.argv[3], clip_batch_size=8, num_prepro_workers=1)
+compute_embeddings(tars, RunLayout(sys.argv[2]), settings, samples=32, samples_per_partition=8)
 """
 
 
@@ -56,13 +57,14 @@ def vectors_by_key(folder: Path) -> dict[str, np.ndarray]:
 
 
 def embed(tars: list[str], output: Path, model: str, **kwargs) -> subprocess.Popen:
+    """Embed ``tars`` into ``output``, the embeddings folder of the run ``output.parent``."""
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    return subprocess.Popen([sys.executable, "-c", EMBED, json.dumps(tars), str(output), model], env=env, **kwargs)
+    return subprocess.Popen([sys.executable, "-c", EMBED, json.dumps(tars), str(output.parent), model], env=env, **kwargs)
 
 
 def test_a_killed_embedding_run_resumes_at_partition_granularity(tmp_path: Path, demo_clip_model: str) -> None:
     tars = write_tars(tmp_path / "tars")
-    killed = tmp_path / "killed"
+    killed = tmp_path / "killed" / "embeddings"
     worker = embed(tars, killed, demo_clip_model, start_new_session=True)
     deadline = time.monotonic() + 240
     while not (killed / "_done" / "0").exists() and time.monotonic() < deadline:
@@ -77,7 +79,7 @@ def test_a_killed_embedding_run_resumes_at_partition_granularity(tmp_path: Path,
     assert (killed / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns == kept  # partition 0 not redone
     assert not (killed / "_partial").exists() or not list((killed / "_partial").iterdir())
 
-    clean = tmp_path / "clean"
+    clean = tmp_path / "clean" / "embeddings"
     assert embed(tars, clean, demo_clip_model).wait(timeout=600) == 0
     resumed, fresh = vectors_by_key(killed), vectors_by_key(clean)
     assert len(resumed) == 32 and resumed.keys() == fresh.keys()

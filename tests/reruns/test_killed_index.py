@@ -19,8 +19,9 @@ import numpy as np
 
 BUILD = """
 import sys
-from stages.index import build_indexes
-build_indexes(sys.argv[1], sys.argv[2], index_key="OPQ32_128,IVF64,PQ32x8", recall_queries=100)
+from stages.index.build import IndexSettings, build_indexes
+from stages.layout import RunLayout
+build_indexes(RunLayout(sys.argv[1]), IndexSettings(index_key="OPQ32_128,IVF64,PQ32x8"), recall_queries=100)
 """
 
 
@@ -47,7 +48,7 @@ def test_a_killed_index_build_leaves_nothing_and_rebuilds(tmp_path: Path) -> Non
     scratch = tmp_path / "scratch"  # the build's temporary folders, where its progress is seen
     scratch.mkdir()
     env = {**os.environ, "TMPDIR": str(scratch)}
-    worker = subprocess.Popen([sys.executable, "-c", BUILD, str(embeddings), str(index)], start_new_session=True, env=env)
+    worker = subprocess.Popen([sys.executable, "-c", BUILD, str(tmp_path)], start_new_session=True, env=env)
     try:
         # The image index is complete in the staging folder; the text index is being built.
         wait_for(lambda: next(iter(scratch.glob("laion-index-*/image_infos.json")), None), "a built image index", worker)
@@ -55,7 +56,7 @@ def test_a_killed_index_build_leaves_nothing_and_rebuilds(tmp_path: Path) -> Non
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
     assert not index.exists() or not [p for p in index.iterdir() if p.suffix == ".index" or p.name == "_SUCCESS.json"]
-    subprocess.run([sys.executable, "-c", BUILD, str(embeddings), str(index)], check=True, timeout=900, env=env)
+    subprocess.run([sys.executable, "-c", BUILD, str(tmp_path)], check=True, timeout=900, env=env)
     import faiss
 
     for name in ("image", "text"):

@@ -26,7 +26,7 @@ class Outer:
 
 def test_params_are_the_fields_with_a_schema_nested_ones_flattened() -> None:
     assert [f.name for f in param_fields(Outer)] == ["size", "key", "mode", "limit", "networks"]
-    assert param_fields(Outer)[0].metadata["param"] == {"description": "", "type": "integer", "minimum": 16}
+    assert param_fields(Outer)[0].metadata["param"] == {"description": None, "type": "integer", "minimum": 16}
 
 
 def test_rendered_values_become_typed_settings_with_defaults_for_the_rest() -> None:

@@ -1,9 +1,9 @@
-"""img2dataset through the download guard, against the hostile server: every reason counted."""
+"""A part's download: img2dataset through the download guard, against the hostile server
+(every reason counted), with LAION-400M's img2dataset arguments."""
 
 from __future__ import annotations
 
-import signal
-import sys
+import json
 import time
 from pathlib import Path
 
@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 
 from sampleweb.hostile import EXPECTED_REASONS, HostileServer
-from stages.download import DownloadSettings, download_part
-from stages.safe_fetch import FetchPolicy
+from stages.images.download import DownloadSettings, download_part, img2dataset_arguments
+from stages.images.parts import SETTINGS_FILE, STATE_DIR
+from stages.images.safe_fetch import FetchPolicy
 
-BOUNDS = dict(max_seconds=4.0, max_bytes=2 * 1024 * 1024, max_redirects=3)
+BOUNDS = dict(max_download_seconds=4.0, max_image_bytes=2 * 1024 * 1024, max_redirects=3)
 
 
 def hostile_part(server: HostileServer, folder: Path) -> tuple[Path, dict[str, str | None]]:
@@ -51,6 +52,9 @@ def test_every_hostile_url_gets_its_own_status(tmp_path: Path, start_method: str
     failures = {reason: list(expected.values()).count(reason) for reason in set(expected.values()) if reason}
     assert numbers["errors"] == failures
     assert numbers["successes"] == 2 and numbers["failed_to_resize"] == 1
+    # What a retry of failed samples will reuse.
+    recorded = json.loads((tmp_path / "images" / STATE_DIR / SETTINGS_FILE).read_text())
+    assert recorded == {"image_size": 256, "resize_mode": "border", "number_sample_per_shard": 100, "encode_quality": 95}
 
 
 def test_no_request_reaches_loopback_unless_allowed(tmp_path: Path) -> None:
@@ -64,36 +68,24 @@ def test_no_request_reaches_loopback_unless_allowed(tmp_path: Path) -> None:
     assert set(shard_rows(tmp_path / "images")["error_message"]) == {"refused_private_address"}
 
 
-def _handler_in_worker() -> str:
-    return repr(signal.getsignal(signal.SIGTERM))
-
-
-def test_forked_workers_end_on_sigterm_whatever_the_task_installed() -> None:
-    """The pool stops its workers with SIGTERM; a handler inherited from the task (Airflow
-    installs one) must not run in them."""
-    from stages.guarded_img2dataset import _PoolContext
-
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        with _PoolContext("fork").Pool(1) as pool:
-            in_worker = pool.apply(_handler_in_worker)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert in_worker == repr(signal.SIG_DFL)
-
-
-def test_img2dataset_is_left_as_found() -> None:
-    import img2dataset  # noqa: F401
-
-    from stages.guarded_img2dataset import guarded_downloads
-
-    main, distributor = sys.modules["img2dataset.main"], sys.modules["img2dataset.distributor"]
-    before = (main.Downloader, main.WebDatasetSampleWriter, main.LoggerProcess, distributor.get_context)
-    with guarded_downloads(FetchPolicy(), "fork"):
-        assert main.LoggerProcess is not before[2] and distributor.get_context is not before[3]
-    assert (main.Downloader, main.WebDatasetSampleWriter, main.LoggerProcess, distributor.get_context) == before
-
-
 def test_an_unknown_start_method_is_refused() -> None:
     with pytest.raises(ValueError, match="'threads' is not one of fork, forkserver, spawn"):
         DownloadSettings(start_method="threads")
+
+
+def test_img2dataset_arguments_follow_laion_400m() -> None:
+    args = img2dataset_arguments("/r/dedup/part-00001.parquet", "/r/images/part-00001", DownloadSettings())
+    assert args["image_size"] == 256 and args["resize_mode"] == "border"
+    assert (args["url_col"], args["caption_col"]) == ("URL", "TEXT")
+    assert {"NSFW", "similarity", "LICENSE"} <= set(args["save_additional_columns"])
+    assert args["output_format"] == "webdataset" and args["input_format"] == "parquet"
+    assert args["incremental_mode"] == "incremental" and args["enable_wandb"] is False
+
+
+def test_a_part_with_more_shards_than_its_range_holds_is_refused(tmp_path: Path) -> None:
+    part = tmp_path / "part-00000.parquet"
+    pd.DataFrame({"URL": [f"http://example.com/{i}.jpg" for i in range(50_001)], "TEXT": "t"}).to_parquet(part)
+    settings = DownloadSettings(number_sample_per_shard=1, processes_count=1)
+    with pytest.raises(ValueError, match="needs 50001 shards of 1 samples; a part holds at most 50000"):
+        download_part(str(part), str(tmp_path / "images"), settings, dedup_version="v1")
+    assert not (tmp_path / "images").exists()

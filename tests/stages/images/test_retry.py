@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 
 from sampleweb.hostile import HostileServer
-from stages.download import RETRY_SHARD_BASE, DownloadSettings, download_part, summarize_shards
-from stages.retry import TRANSIENT_REASONS, is_transient, retry_part
-from stages.safe_fetch import FetchPolicy
+from stages.images.download import DownloadSettings, download_part
+from stages.images.retry import TRANSIENT_REASONS, RetrySettings, is_transient, retry_part
+from stages.images.safe_fetch import FetchPolicy
+from stages.images.shards import summarize_shards
 
 # path -> (how many URLs, the reason of the first attempt)
 WEB = {
@@ -32,9 +33,13 @@ TRANSIENT = ("/flaky.jpg", "/reset.jpg", "/stall.jpg")
 def settings(**overrides: object) -> DownloadSettings:
     values = dict(
         processes_count=1, thread_count=8, number_sample_per_shard=10, timeout=2, image_size=64,
-        fetch_policy=FetchPolicy(allowed_networks=("127.0.0.0/8",), max_seconds=6.0, max_retry_after=0),
+        fetch_policy=FetchPolicy(allowed_networks=("127.0.0.0/8",), max_download_seconds=6.0, max_retry_after_seconds=0),
     )  # fmt: skip
     return DownloadSettings(**{**values, **overrides})
+
+
+def retrying(**overrides: object) -> RetrySettings:
+    return RetrySettings(download=settings(**overrides))
 
 
 def write_part(server: HostileServer, folder: Path) -> Path:
@@ -63,8 +68,8 @@ def test_a_retry_recovers_transient_failures_and_never_asks_for_permanent_ones(t
         assert first["errors"] == {reason: n for n, reason in WEB.values() if reason}
 
         # Another processes/threads setting for the retry; image settings come from the part.
-        retry = retry_part(str(part), str(images), settings(thread_count=4, image_size=999), dedup_version="v1")
-        again = retry_part(str(part), str(images), settings(), dedup_version="v1")
+        retry = retry_part(str(part), str(images), retrying(thread_count=4, image_size=999), dedup_version="v1")
+        again = retry_part(str(part), str(images), retrying(), dedup_version="v1")
         requests = dict(server.requests_by_url)
 
     assert (retry["retried"], retry["recovered"]) == (11, 11)
@@ -77,7 +82,7 @@ def test_a_retry_recovers_transient_failures_and_never_asks_for_permanent_ones(t
     assert (totals["count"], totals["successes"], totals["failed_to_download"], totals["failed_to_resize"]) == (25, 16, 7, 2)
     assert totals["errors"] == {"http_404": 4, "http_403": 3, "Image decoding error": 2}
     retry_shards = [s for s in totals["shards"] if s.get("retried")]
-    assert [int(s["shard"]) for s in retry_shards] == [3 * 100_000 + RETRY_SHARD_BASE, 3 * 100_000 + RETRY_SHARD_BASE + 1]
+    assert [int(s["shard"]) for s in retry_shards] == [350_000, 350_001]  # part 3's second half
 
     rows = pd.concat([pd.read_parquet(p) for p in sorted(images.glob("*.parquet"))], ignore_index=True)
     assert rows["key"].is_unique
@@ -90,6 +95,6 @@ def test_a_retry_recovers_transient_failures_and_never_asks_for_permanent_ones(t
 def test_bad_retry_requests_are_refused_with_the_reason(tmp_path: Path) -> None:
     part = tmp_path / "part-00000.parquet"
     with pytest.raises(ValueError, match="holds no downloaded shards"):
-        retry_part(str(part), str(tmp_path / "images"), settings(), dedup_version="v1")
+        retry_part(str(part), str(tmp_path / "images"), retrying(), dedup_version="v1")
     with pytest.raises(ValueError, match=r"\['http_404'\] are not transient"):
-        retry_part(str(part), str(tmp_path / "images"), settings(), dedup_version="v1", reasons=("http_404", *TRANSIENT_REASONS))
+        RetrySettings(reasons=("http_404", *TRANSIENT_REASONS))

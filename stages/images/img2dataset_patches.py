@@ -1,5 +1,6 @@
-"""img2dataset with :mod:`stages.safe_fetch` in place of its urllib fetch, and shards that
-appear under their final names only when complete.
+"""Everything that reaches into img2dataset's internals: :mod:`stages.images.safe_fetch` in
+place of its urllib fetch, shards that appear under their final names only when complete,
+and shard ids that start where the part's range does.
 
 img2dataset has no hook for how an image is fetched: ``Downloader.download_shard`` calls
 the module function ``img2dataset.downloader.download_image_with_retry``. Shards are
@@ -11,7 +12,7 @@ finished; :class:`AtomicWebDatasetWriter` writes under ``_partial/`` and moves t
 parquet into place on close, before img2dataset writes the shard's ``_stats.json``.
 Everything else -- sharding, resizing, stats -- is img2dataset's own.
 
-Two of img2dataset's fixed costs are left out (measured in the README's Benchmarks): its
+Two of img2dataset's fixed costs are left out (measured in docs/benchmarks.md): its
 worker pool is spawned, so every worker re-imports img2dataset, webdataset and torch
 (about 3 s of CPU each) before its first image; and a spawned logger process does the
 same only to print running totals, which the stage reports itself from the shards'
@@ -32,10 +33,10 @@ from fsspec.core import url_to_fs
 from img2dataset import downloader as img2dataset_downloader
 from img2dataset import writer as img2dataset_writer
 
-from stages.safe_fetch import FetchPolicy, FetchRefused, fetch_image
+from stages.images.parts import PARTIAL_DIR
+from stages.images.safe_fetch import FetchPolicy, FetchRefused, fetch_image
 
 _policy: FetchPolicy | None = None
-PARTIAL_DIR = "_partial"
 
 
 class AtomicWebDatasetWriter(img2dataset_writer.WebDatasetSampleWriter):
@@ -147,3 +148,26 @@ def guarded_downloads(policy: FetchPolicy, start_method: str) -> Iterator[None]:
     finally:
         (img2dataset_main.Downloader, img2dataset_main.WebDatasetSampleWriter, img2dataset_main.LoggerProcess,
          distributor.get_context) = originals  # fmt: skip
+
+
+@contextmanager
+def shards_numbered_from(offset: int) -> Iterator[None]:
+    """Make img2dataset number this call's shards from ``offset`` instead of 0.
+
+    img2dataset's ``download()`` always passes ``start_shard_id=0`` to its Reader (only
+    its "extend" mode moves it); the Reader itself supports any start. Shards are
+    numbered in the calling process, so wrapping the Reader there is enough.
+    """
+    # The package re-exports the function ``main``, which hides the module of that name.
+    img2dataset_main = sys.modules["img2dataset.main"]
+    reader_class = img2dataset_main.Reader
+
+    def reader_from_offset(*args: Any, **kwargs: Any) -> Any:
+        *head, start = args
+        return reader_class(*head, start + offset, **kwargs)
+
+    img2dataset_main.Reader = reader_from_offset
+    try:
+        yield
+    finally:
+        img2dataset_main.Reader = reader_class

@@ -22,6 +22,8 @@ from email.utils import parsedate_to_datetime
 from typing import Iterable
 from urllib.parse import urljoin, urlsplit
 
+from stages.settings import setting
+
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 CHUNK = 64 * 1024
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -33,30 +35,33 @@ class FetchRefused(Exception):
 
 @dataclass(frozen=True)
 class FetchPolicy:
-    """Limits on one image download. Every field is a DAG param (see the README's Safety)."""
+    """Limits on one image download. Every field is a DAG param (see docs/safety.md)."""
 
-    allowed_networks: tuple[str, ...] = ()
-    max_seconds: float = 30.0
-    max_bytes: int = 32 * 1024 * 1024
-    max_redirects: int = 5
-    max_pixels: int = 100_000_000
-    max_retry_after: float = 10.0
-    per_host_connections: int = 0
+    allowed_networks: tuple[str, ...] = setting(
+        [], env="LAION_ALLOWED_NETWORKS", type="array", items={"type": "string", "minLength": 1},
+        description="CIDRs that downloads may reach although private (loopback, LAN...). Empty: public addresses only.",
+    )  # fmt: skip
+    max_download_seconds: float = setting(
+        30.0, type="number", exclusiveMinimum=0, maximum=3600,
+        description="Wall-clock limit per image, redirects and waits included.",
+    )  # fmt: skip
+    max_image_bytes: int = setting(32 * 1024 * 1024, type="integer", minimum=1024, description="Largest body accepted.")
+    max_redirects: int = setting(5, type="integer", minimum=0, maximum=30)
+    max_image_pixels: int = setting(
+        100_000_000, type="integer", minimum=1, description="Declared pixel count above which an image is a decompression bomb."
+    )
+    max_retry_after_seconds: float = setting(
+        10.0, type="number", minimum=0, maximum=600, description="Longest Retry-After (429/503) honoured."
+    )
+    per_host_connections: int = setting(
+        0, type="integer", minimum=0, description="Concurrent connections per host and worker process; 0: no cap."
+    )
     networks: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # The param gives a list: a tuple keeps the frozen policy immutable and hashable.
+        object.__setattr__(self, "allowed_networks", tuple(self.allowed_networks))
         object.__setattr__(self, "networks", parse_networks(self.allowed_networks))
-
-
-def policy_from_params(values: dict) -> FetchPolicy:
-    """A FetchPolicy from rendered DAG params (numbers may arrive as strings)."""
-    kinds = {"max_seconds": float, "max_bytes": int, "max_redirects": int, "max_pixels": int,
-             "max_retry_after": float, "per_host_connections": int}
-    policy = {key: kinds[key](value) for key, value in values.items() if key in kinds}
-    networks = values.get("allowed_networks") or ()
-    if isinstance(networks, str):
-        networks = [n for n in networks.split(",") if n.strip()]
-    return FetchPolicy(allowed_networks=tuple(networks), **policy)
 
 
 def parse_networks(cidrs: Iterable[str]) -> tuple:
@@ -180,7 +185,7 @@ def fetch_image(
     user_agent_token: str | None = None,
 ) -> bytes:
     """The body of ``url``, checked to look like an image; raises :class:`FetchRefused`."""
-    deadline = time.monotonic() + policy.max_seconds
+    deadline = time.monotonic() + policy.max_download_seconds
     redirects = 0
     waited_for_retry = False
     while True:
@@ -218,7 +223,7 @@ def fetch_image(
             continue
         if status in (429, 503) and not waited_for_retry:
             delay = _retry_after_seconds(headers.get("Retry-After"))
-            if delay is not None and delay <= policy.max_retry_after and time.monotonic() + delay < deadline:
+            if delay is not None and delay <= policy.max_retry_after_seconds and time.monotonic() + delay < deadline:
                 waited_for_retry = True
                 time.sleep(delay)
                 continue
@@ -247,7 +252,7 @@ def _get(
     if disallowed_directives and is_disallowed(response.headers, disallowed_directives, user_agent_token):
         raise FetchRefused("robots_disallowed")
     declared = response.headers.get("Content-Length")
-    if declared and declared.isdigit() and int(declared) > policy.max_bytes:
+    if declared and declared.isdigit() and int(declared) > policy.max_image_bytes:
         raise FetchRefused("body_too_large")
     body = io.BytesIO()
     while True:
@@ -260,12 +265,12 @@ def _get(
         if not chunk:
             return response.status, response.headers, body.getvalue()
         body.write(chunk)
-        if body.tell() > policy.max_bytes:
+        if body.tell() > policy.max_image_bytes:
             raise FetchRefused("body_too_large")
 
 
 def check_image_body(body: bytes, content_type: str, policy: FetchPolicy) -> bytes:
-    """Refuse bodies that are empty, HTML, or declare more pixels than ``max_pixels``.
+    """Refuse bodies that are empty, HTML, or declare more pixels than ``max_image_pixels``.
 
     Only the image header is parsed here (cheap); a body that passes but cannot be decoded
     is left to img2dataset's resizer, which counts it as failed_to_resize.
@@ -284,6 +289,6 @@ def check_image_body(body: bytes, content_type: str, policy: FetchPolicy) -> byt
         raise FetchRefused("decompression_bomb") from None
     except Exception:  # noqa: BLE001 - any header PIL cannot read: let the decoder judge
         return body
-    if width * height > policy.max_pixels:
+    if width * height > policy.max_image_pixels:
         raise FetchRefused("decompression_bomb")
     return body

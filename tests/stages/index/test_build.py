@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from stages.index import build_indexes
+from stages.index.build import IndexSettings, build_indexes, exact_neighbours, fewest_probes, recall_of
+from stages.layout import RunLayout
 
 
 def clustered(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:
@@ -19,42 +21,50 @@ def clustered(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:
 
 
 @pytest.fixture
-def embeddings(tmp_path: Path) -> Path:
-    root = tmp_path / "embeddings"
+def run(tmp_path: Path) -> RunLayout:
+    """A run with image and text embeddings in two partitions each."""
     for sub, seed in (("img_emb", 1), ("text_emb", 2)):
-        (root / sub).mkdir(parents=True)
+        (tmp_path / "embeddings" / sub).mkdir(parents=True)
         vectors = clustered(3000, 64, 300, seed)
-        np.save(root / sub / f"{sub}_0.npy", vectors[:1500])
-        np.save(root / sub / f"{sub}_1.npy", vectors[1500:])
-    return root
+        np.save(tmp_path / "embeddings" / sub / f"{sub}_0.npy", vectors[:1500])
+        np.save(tmp_path / "embeddings" / sub / f"{sub}_1.npy", vectors[1500:])
+    return RunLayout(str(tmp_path))
 
 
-def test_opq_pq_index_builds_and_is_measured(embeddings: Path, tmp_path: Path) -> None:
+def test_opq_pq_index_builds_and_is_measured(run: RunLayout) -> None:
     """The OPQ+PQ path autofaiss picks at tight budgets (broken with faiss-cpu 1.15)."""
-    result = build_indexes(str(embeddings), str(tmp_path / "index"), index_key="OPQ16_64,IVF16,PQ16x4", recall_queries=200)
+    result = build_indexes(run, IndexSettings(index_key="OPQ16_64,IVF16,PQ16x4"), recall_queries=200)
     for name in ("image", "text"):
         assert result[name]["index_key"] == "OPQ16_64,IVF16,PQ16x4"
         assert result[name]["ntotal"] == 3000
         assert 0.3 < result[name]["recall_at_10"] <= 1.0
-        assert (tmp_path / "index" / f"{name}.index").stat().st_size == result[name]["size_bytes"]
+        assert Path(run.index, f"{name}.index").stat().st_size == result[name]["size_bytes"]
 
 
-def test_rebuilds_only_when_embeddings_change(embeddings: Path, tmp_path: Path) -> None:
-    index = tmp_path / "index"
-    first = build_indexes(str(embeddings), str(index), recall_queries=100)
+def test_rebuilds_only_when_embeddings_change(run: RunLayout) -> None:
+    first = build_indexes(run, IndexSettings(), recall_queries=100)
     assert first["image"]["recall_at_10"] == pytest.approx(1.0, abs=0.05)
-    before = (index / "image.index").read_bytes()
-    again = build_indexes(str(embeddings), str(index), recall_queries=100)
-    assert again.get("skipped") is True and (index / "image.index").read_bytes() == before
-    np.save(embeddings / "img_emb" / "img_emb_2.npy", clustered(10, 64, 2, 3))
-    rebuilt = build_indexes(str(embeddings), str(index), recall_queries=100)
+    # The marker keeps its format: what earlier runs wrote stays valid.
+    recorded = json.loads(Path(run.index_marker.url).read_text())
+    assert recorded == first
+    assert {"input_fingerprint", "max_index_memory_usage", "index_key", "recall_target", "image", "text"} == set(recorded)
+    before = Path(run.index, "image.index").read_bytes()
+    again = build_indexes(run, IndexSettings(), recall_queries=100)
+    assert again.get("skipped") is True and Path(run.index, "image.index").read_bytes() == before
+    np.save(Path(run.embeddings, "img_emb", "img_emb_2.npy"), clustered(10, 64, 2, 3))
+    rebuilt = build_indexes(run, IndexSettings(), recall_queries=100)
     assert not rebuilt.get("skipped") and rebuilt["image"]["ntotal"] == 3010
+
+
+def test_a_changed_budget_rebuilds(run: RunLayout) -> None:
+    build_indexes(run, IndexSettings(), recall_queries=50)
+    assert build_indexes(run, IndexSettings(), recall_queries=50).get("skipped") is True
+    rebuilt = build_indexes(run, IndexSettings(max_index_memory_usage="2G"), recall_queries=50)
+    assert not rebuilt.get("skipped") and run.index_marker.read()["max_index_memory_usage"] == "2G"
 
 
 def test_fewest_probes_is_the_least_nprobe_that_keeps_the_recall_target() -> None:
     import faiss
-
-    from stages.index import exact_neighbours, fewest_probes, recall_of
 
     vectors = clustered(20_000, 32, 20, seed=3)  # 20 clusters over 128 lists: neighbours span several lists
     quantizer = faiss.IndexFlatIP(32)
@@ -72,3 +82,4 @@ def test_fewest_probes_is_the_least_nprobe_that_keeps_the_recall_target() -> Non
     assert fewest_probes(index, sample, truth, "nprobe=128,max_codes=0", 0.95) == f"nprobe={probes},max_codes=0"
     assert fewest_probes(index, sample, truth, "nprobe=1", 0.99) == "nprobe=1"
     assert fewest_probes(index, sample, truth, None, 0.95) is None
+

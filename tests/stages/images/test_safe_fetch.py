@@ -7,10 +7,10 @@ import time
 import pytest
 
 from sampleweb.hostile import EXPECTED_REASONS, HostileServer
-from stages.safe_fetch import FetchPolicy, FetchRefused, fetch_image, parse_networks, refusal_reason
+from stages.images.safe_fetch import FetchPolicy, FetchRefused, fetch_image, parse_networks, refusal_reason
 
 LOOPBACK = ("127.0.0.0/8",)
-POLICY = FetchPolicy(allowed_networks=LOOPBACK, max_seconds=4.0, max_bytes=2 * 1024 * 1024, max_redirects=3)
+POLICY = FetchPolicy(allowed_networks=LOOPBACK, max_download_seconds=4.0, max_image_bytes=2 * 1024 * 1024, max_redirects=3)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_each_hostile_endpoint_gets_its_reason_within_bounds(server: HostileServ
         with pytest.raises(FetchRefused) as refused:
             fetch_image(server.url(path), POLICY, timeout=2, disallowed_directives={"noai", "noimageai"})
         assert str(refused.value) == EXPECTED_REASONS[path]
-    assert time.monotonic() - started < POLICY.max_seconds + 2.5
+    assert time.monotonic() - started < POLICY.max_download_seconds + 2.5
 
 
 def test_truncated_body_is_left_to_the_decoder(server: HostileServer) -> None:
@@ -85,4 +85,4 @@ def test_retry_after_is_honoured_once_within_bound(server: HostileServer) -> Non
     assert server.requests["/busy.jpg"] == 2
     server.requests["/busy.jpg"] = 0
     with pytest.raises(FetchRefused, match="http_429"):
-        fetch_image(server.url("/busy.jpg"), FetchPolicy(allowed_networks=LOOPBACK, max_retry_after=0.5))
+        fetch_image(server.url("/busy.jpg"), FetchPolicy(allowed_networks=LOOPBACK, max_retry_after_seconds=0.5))

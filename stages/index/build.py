@@ -7,76 +7,80 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
-
 
 from stages import storage
 from stages.embeddings import fingerprint, load_embeddings
+from stages.layout import RunLayout
+from stages.settings import setting
 
 log = logging.getLogger(__name__)
 
-MARKER = "_SUCCESS.json"
-KINDS = {"image": "img_emb", "text": "text_emb"}
+KINDS = {"image": "img_emb", "text": "text_emb"}  # index name -> its embeddings folder
 # recall@10 that the search-time nprobe must keep, measured on rows of the index (queries
 # from outside the index, as a search service gets, measured about 0.01 lower here).
 RECALL_TARGET = 0.97
+MEMORY = r"^[0-9]+(\.[0-9]+)?[KMG]B?$"  # autofaiss's memory strings: "4G", "512M", "1.5GB"
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """autofaiss's memory budgets and, optionally, a forced index key."""
+
+    max_index_memory_usage: str = setting("4G", type="string", pattern=MEMORY)
+    current_memory_available: str = setting("8G", type="string", pattern=MEMORY)
+    index_key: str | None = setting(
+        None, type=["null", "string"], description="Force a faiss index key; empty lets autofaiss choose."
+    )
 
 
 def build_indexes(
-    embeddings_folder: str,
-    index_folder: str,
-    *,
-    max_index_memory_usage: str = "4G",
-    current_memory_available: str = "8G",
-    index_key: str | None = None,
-    recall_queries: int = 1000,
-    nb_cores: int | None = None,
+    layout: RunLayout, settings: IndexSettings, *, recall_queries: int = 1000, nb_cores: int | None = None
 ) -> dict[str, Any]:
-    """Build ``image.index`` and ``text.index`` (+ their infos) and measure recall@10.
+    """Build ``image.index`` and ``text.index`` (+ their infos) from ``layout.embeddings``
+    into ``layout.index`` and measure recall@10.
 
-    Rebuilt only when the embeddings or the settings changed (a fingerprint in
-    ``_SUCCESS.json``). The two indexes are one publication: both are built in a local
-    temporary folder, and only when both are complete is the old marker removed, each
-    file copied to its final name (each appears whole or not at all) and the new marker
-    written. A kill during the builds leaves the folder as it was; readers take the pair
-    as current only with a ``_SUCCESS.json`` that names its inputs.
+    Rebuilt only when the embeddings or the settings changed (a fingerprint in the index
+    marker). The two indexes are one publication: both are built in a local temporary
+    folder, and only when both are complete is the old marker removed, each file copied to
+    its final name (each appears whole or not at all) and the new marker written. A kill
+    during the builds leaves the folder as it was; readers take the pair as current only
+    with a marker that names its inputs.
     """
-    npys = sorted(
-        f for kind in KINDS.values() for f in storage.list_files(storage.join(embeddings_folder, kind), "*.npy")
-    )
-    settings = {"max_index_memory_usage": max_index_memory_usage, "index_key": index_key or None,
-                "recall_target": RECALL_TARGET}
-    inputs = fingerprint(npys) + repr(sorted(settings.items()))
-    marker = storage.join(index_folder, MARKER)
-    done = storage.read_json_or_none(marker)
-    if done and done.get("input_fingerprint") == inputs:
-        log.info("Skipping build_index: %s matches the current embeddings", MARKER)
+    folders = {name: storage.join(layout.embeddings, sub) for name, sub in KINDS.items()}
+    npys = sorted(f for folder in folders.values() for f in storage.list_files(folder, "*.npy"))
+    index_key = settings.index_key or None
+    built_with = {"max_index_memory_usage": settings.max_index_memory_usage, "index_key": index_key, "recall_target": RECALL_TARGET}
+    inputs = {"input_fingerprint": fingerprint(npys) + repr(sorted(built_with.items()))}
+    done = layout.index_marker.done_with(inputs)
+    if done is not None:
+        log.info("Skipping build_index: %s matches the current embeddings", layout.index_marker.url)
         return {**done, "skipped": True}
 
-    result: dict[str, Any] = {"input_fingerprint": inputs, **settings}
+    numbers: dict[str, Any] = dict(built_with)
     with tempfile.TemporaryDirectory(prefix="laion-index-") as staging:
-        for name, sub in KINDS.items():
-            result[name] = build_one(
-                storage.join(embeddings_folder, sub),
+        for name, folder in folders.items():
+            numbers[name] = build_one(
+                folder,
                 staging,
                 name,
-                max_index_memory_usage=max_index_memory_usage,
-                current_memory_available=current_memory_available,
-                index_key=index_key or None,
+                max_index_memory_usage=settings.max_index_memory_usage,
+                current_memory_available=settings.current_memory_available,
+                index_key=index_key,
                 recall_queries=recall_queries,
                 nb_cores=nb_cores,
             )
-        publish(staging, index_folder, marker, result)
-    return result
+        return publish(staging, layout, inputs, numbers)
 
 
-def publish(staging: str, index_folder: str, marker: str, result: dict[str, Any]) -> None:
-    """Move a complete pair of indexes from ``staging`` into ``index_folder``, marker last."""
-    if storage.exists(marker):
-        storage.remove(marker)  # from here until the new marker, no pair is current
+def publish(staging: str, layout: RunLayout, inputs: dict[str, Any], numbers: dict[str, Any]) -> dict[str, Any]:
+    """Move a complete pair of indexes from ``staging`` into ``layout.index``, marker last;
+    returns what the marker records."""
+    layout.index_marker.clear()  # from here until the new marker, no pair is current
     for name in sorted(os.listdir(staging)):
-        storage.copy(os.path.join(staging, name), storage.join(index_folder, name))
-    storage.write_json(marker, result)
+        storage.copy(os.path.join(staging, name), storage.join(layout.index, name))
+    return layout.index_marker.mark_done(inputs, numbers)
 
 
 def build_one(

@@ -1,8 +1,10 @@
-"""spark-submit entry for the dedup stage.
+"""The dedup stage as a Spark application: what DedupOperator spark-submits.
 
-    spark-submit --master 'local[*]' stages/dedup_job.py \
+    spark-submit --master 'local[*]' stages/dedup/job.py \
         --input s3://bucket/raw --output s3://bucket/dedup --partitions 16 [--seed 0]
 
+Run as a file, Python puts only this folder on sys.path: ``stages`` is imported as the
+installed project (``make venv`` installs it in editable mode) or from PYTHONPATH.
 S3 credentials come from fsspec's own configuration (the FSSPEC_S3 environment
 variable), never from the command line.
 """
@@ -18,24 +20,34 @@ from collections.abc import Sequence
 from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
 
-from stages import dedup
+from stages.dedup import run
+from stages.dedup.inputs import DedupInputError
+from stages.dedup.settings import BAD_FILES, LONG_CAPTIONS, DedupSettings, RowPolicy
+from stages.layout import DEDUP_MARKER
 
-log = logging.getLogger("stages.dedup_job")
+log = logging.getLogger("stages.dedup.job")  # not __name__: that is "__main__" under spark-submit
 
 LOOPBACK = "127.0.0.1"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    defaults = RowPolicy()
     parser = argparse.ArgumentParser(description="Deduplicate raw LAION metadata into parquet parts.")
     parser.add_argument("--input", required=True, help="folder of raw CSV/parquet files (path or URL)")
-    parser.add_argument("--output", required=True, help="folder for the parts and _stats.json (path or URL)")
+    parser.add_argument("--output", required=True, help=f"folder for the parts and {DEDUP_MARKER} (path or URL)")
     parser.add_argument("--partitions", required=True, type=_positive_int, help="number of output parts")
     parser.add_argument("--seed", type=int, default=0, help="seed of the deterministic shuffle")
-    parser.add_argument("--max-caption-length", type=_positive_int, default=4096, help="longest caption kept whole")
-    parser.add_argument("--long-captions", choices=("truncate", "reject"), default="truncate")
-    parser.add_argument("--bad-files", choices=("fail", "skip"), default="fail",
+    parser.add_argument("--max-caption-length", type=_positive_int, default=defaults.max_caption_length,
+                        help="longest caption kept whole")
+    parser.add_argument("--long-captions", choices=LONG_CAPTIONS, default=defaults.long_captions)
+    parser.add_argument("--bad-files", choices=BAD_FILES, default=defaults.bad_files,
                         help="a file that is not CSV/parquet or has no URL column: fail, or move it aside")
     return parser.parse_args(argv)
+
+
+def settings_of(args: argparse.Namespace) -> DedupSettings:
+    policy = RowPolicy(max_caption_length=args.max_caption_length, long_captions=args.long_captions, bad_files=args.bad_files)
+    return DedupSettings(dedup_partitions=args.partitions, policy=policy)
 
 
 def _positive_int(text: str) -> int:
@@ -87,9 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spark = build_spark(args.partitions)
     try:
-        policy = dedup.RowPolicy(args.max_caption_length, args.long_captions, args.bad_files)
-        stats = dedup.run(spark, args.input, args.output, args.partitions, seed=args.seed, policy=policy)
-    except dedup.DedupInputError as error:
+        stats = run(spark, args.input, args.output, settings_of(args), seed=args.seed)
+    except DedupInputError as error:
         log.error("Dedup failed: %s", error)
         return 2
     finally:

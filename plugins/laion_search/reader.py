@@ -1,0 +1,221 @@
+"""Reading a finished run: its knn index, its metadata rows and embeddings, its samples.
+
+Everything is read where the run lies (a local path or s3://) through its
+:class:`~stages.layout.RunLayout`: a sample is one ranged read of its tar, an embedding
+row one ranged read of its ``.npy``; nothing is unpacked or copied whole, the image
+index aside when it is remote (faiss maps local files only).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import tempfile
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from typing import Any
+
+from fsspec.core import url_to_fs
+
+from stages import storage
+from stages.layout import RunLayout, shard_location
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Hit:
+    key: str
+    caption: str
+    url: str
+    score: float
+
+
+class SampleReader:
+    """Reads one file of a sample (``jpg``, ``txt``, ``json``) by byte range from its tar.
+
+    A shard's offset table comes from ``index/offsets/`` when it matches the tar's size;
+    otherwise (a run published before offset tables existed) the tar's headers are read.
+    """
+
+    def __init__(self, output_root: str, cached_shards: int = 256) -> None:
+        self.layout = RunLayout(output_root)
+        self._members = lru_cache(maxsize=cached_shards)(self._load_members)
+
+    @cached_property
+    def shards(self) -> dict[str, str]:
+        """Shard name (``0000100002``) -> tar URL, for the run's current shards."""
+        return {shard_location(tar)[1]: tar for tar in self.layout.current_shards()}
+
+    def tar_of(self, key: str) -> str:
+        """img2dataset names a sample <shard name><index in shard>: its shard is a key prefix."""
+        for length in sorted({len(name) for name in self.shards}):
+            if key[:length] in self.shards:
+                return self.shards[key[:length]]
+        raise KeyError(f"no shard of {self.layout.output_root} holds sample {key!r}")
+
+    def _load_members(self, tar_url: str) -> dict[tuple[str, str], tuple[int, int]]:
+        import pyarrow.parquet as pq
+
+        from stages.index.search_files import tar_members
+
+        table_url = self.layout.offsets_table(*shard_location(tar_url))
+        tar_fs, tar_path = url_to_fs(tar_url)
+        if storage.exists(table_url):
+            fs, path = url_to_fs(table_url)
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f)
+            if (table.schema.metadata or {}).get(b"tar_size") == str(tar_fs.size(tar_path)).encode():
+                rows = table.to_pydict()
+                return {(k, e): (o, s) for k, e, o, s in zip(rows["key"], rows["ext"], rows["offset"], rows["size"])}
+        log.info("No current offset table for %s: reading its tar headers", tar_url)
+        return {(k, e): (o, s) for k, e, o, s in tar_members(tar_url)}
+
+    def read(self, key: str, ext: str = "jpg") -> bytes:
+        tar_url = self.tar_of(key)
+        try:
+            offset, size = self._members(tar_url)[(key, ext)]
+        except KeyError:
+            raise KeyError(f"sample {key!r} has no .{ext} in {tar_url}") from None
+        fs, path = url_to_fs(tar_url)
+        return fs.cat_file(path, start=offset, end=offset + size)
+
+
+@dataclass(frozen=True)
+class NpyFile:
+    """Where the rows of one 2-D, C-ordered ``.npy`` start, and their shape and type."""
+
+    path: str  # as its filesystem names it (no protocol)
+    data_offset: int
+    rows: int
+    dim: int
+    dtype: Any
+
+
+def read_npy_header(f: Any, name: str) -> NpyFile:
+    """The header of the ``.npy`` open in ``f``, read with numpy's public format API only."""
+    from numpy.lib import format as npy
+
+    version = npy.read_magic(f)
+    if version == (1, 0):
+        shape, fortran_order, dtype = npy.read_array_header_1_0(f)
+    elif version in ((2, 0), (3, 0)):  # 3.0 differs from 2.0 only in how field names are encoded
+        shape, fortran_order, dtype = npy.read_array_header_2_0(f)
+    else:
+        raise ValueError(f"{name} is .npy format version {version[0]}.{version[1]}; readable: 1.0, 2.0, 3.0")
+    # Rows are read by byte range: they must be rows of a 2-D array, one after the other.
+    if len(shape) != 2 or fortran_order:
+        raise ValueError(f"{name} holds a {'Fortran-ordered ' if fortran_order else ''}array of shape {shape}, not rows of embeddings")
+    return NpyFile(name, f.tell(), shape[0], shape[1], dtype)
+
+
+class EmbeddingRows:
+    """Row ``i`` of the embeddings in index order, read by byte range from its .npy file."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    @cached_property
+    def files(self) -> list[NpyFile]:
+        """Every .npy of the folder, in the order autofaiss read them (by name)."""
+        fs, path = url_to_fs(self.folder)
+        found = []
+        for npy in sorted(fs.glob(posixpath.join(path, "*.npy"))):
+            with fs.open(npy, "rb") as f:
+                found.append(read_npy_header(f, npy))
+        return found
+
+    def row(self, i: int) -> Any:
+        import numpy as np
+
+        fs, _ = url_to_fs(self.folder)
+        asked = i
+        for npy in self.files:
+            if i < npy.rows:
+                start = npy.data_offset + i * npy.dim * npy.dtype.itemsize
+                return np.frombuffer(fs.cat_file(npy.path, start=start, end=start + npy.dim * npy.dtype.itemsize), dtype=npy.dtype)
+            i -= npy.rows
+        raise IndexError(f"no embedding row {asked} under {self.folder} ({asked - i} rows)")
+
+
+class RunIndex:
+    """The image index of one run and its metadata rows, in index order."""
+
+    def __init__(self, output_root: str) -> None:
+        self.layout = RunLayout(output_root)
+        self.memory_mapped = False
+
+    @property
+    def output_root(self) -> str:
+        return self.layout.output_root
+
+    @cached_property
+    def index(self) -> Any:
+        import faiss
+
+        url = storage.join(self.layout.index, "image.index")
+        if storage.is_remote(url):
+            fs, path = url_to_fs(url)
+            local = os.path.join(tempfile.mkdtemp(prefix="laion-search-"), "image.index")
+            fs.get_file(path, local)
+            url = local
+        # IVF indexes are memory-mapped: the file's pages, not a copy, back the search.
+        try:
+            index = faiss.read_index(url, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            self.memory_mapped = True
+        except RuntimeError:  # index types that cannot be mapped are read whole
+            index = faiss.read_index(url)
+        if self.built.get("image", {}).get("index_param"):
+            faiss.ParameterSpace().set_index_parameters(index, self.built["image"]["index_param"])
+        return index
+
+    @cached_property
+    def built(self) -> dict[str, Any]:
+        """build_index's marker: index keys, search parameters, recall."""
+        return self.layout.index_marker.read() or {}
+
+    @cached_property
+    def rows(self) -> Any:
+        import pandas as pd
+
+        folder = storage.join(self.layout.index, "metadata")
+        if not storage.exists(folder):  # published before index/metadata existed
+            folder = storage.join(self.layout.embeddings, "metadata")
+        frames = []
+        for part in storage.list_files(folder, "*.parquet"):
+            fs, path = url_to_fs(part)
+            with fs.open(path, "rb") as f:
+                frames.append(pd.read_parquet(f))
+        if not frames:
+            raise FileNotFoundError(f"{folder} holds no metadata .parquet: the index of {self.output_root} has no rows to show")
+        return pd.concat(frames, ignore_index=True)
+
+    @cached_property
+    def positions(self) -> dict[str, int]:
+        """Sample key -> its row in the index."""
+        return {str(key): i for i, key in enumerate(self.rows["image_path"].tolist())}
+
+    @cached_property
+    def image_embeddings(self) -> EmbeddingRows:
+        return EmbeddingRows(storage.join(self.layout.embeddings, "img_emb"))
+
+    def vector_of(self, key: str) -> Any:
+        """The stored image embedding of sample ``key`` (KeyError when the run has no such sample)."""
+        if key not in self.positions:
+            raise KeyError(f"run {self.output_root} has no sample {key!r}")
+        return self.image_embeddings.row(self.positions[key])
+
+    def search_vector(self, vector: Any, k: int = 10) -> list[Hit]:
+        import numpy as np
+
+        query = np.array(vector, dtype="float32").reshape(1, -1)
+        query /= np.linalg.norm(query) or 1.0
+        scores, ids = self.index.search(query, k)
+        hits = []
+        for score, i in zip(scores[0].tolist(), ids[0].tolist()):
+            if i < 0:
+                continue
+            row = self.rows.iloc[i]
+            hits.append(Hit(str(row["image_path"]), str(row.get("caption", "")), str(row.get("url", "")), float(score)))
+        return hits

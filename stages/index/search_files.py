@@ -1,0 +1,106 @@
+"""What build_index publishes, next to the indexes, for a search service.
+
+- ``index/metadata/*.parquet`` -- the embeddings' metadata in index order: clip-retrieval's
+  own layout, so its back end (``clip_retrieval.clip_back``) loads the folder unchanged;
+- ``index/offsets/<part>/<shard>.parquet`` -- where each member of each webdataset tar
+  starts and how long it is, so showing a sample is one ranged read of its tar (local or S3),
+  never an unpacking of the shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import tarfile
+from typing import Any
+
+from fsspec.core import url_to_fs
+
+from stages import storage
+from stages.layout import RunLayout, shard_location
+
+log = logging.getLogger(__name__)
+
+
+def tar_members(tar_url: str) -> list[tuple[str, str, int, int]]:
+    """(key, extension, data offset, size) of every file in a webdataset tar, read in one pass."""
+    fs, path = url_to_fs(tar_url)
+    members = []
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as archive:
+        for info in archive:
+            if not info.isfile():
+                continue
+            name = posixpath.basename(info.name)
+            key, _, ext = name.partition(".")
+            members.append((key, ext, info.offset_data, info.size))
+    return members
+
+
+def write_offsets(tar_url: str, table_url: str) -> int:
+    """Write the offset table of one tar (its size in the table's metadata); its member count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    members = tar_members(tar_url)
+    fs, path = url_to_fs(tar_url)
+    table = pa.table(
+        {name: [m[i] for m in members] for i, name in enumerate(("key", "ext", "offset", "size"))},
+        schema=pa.schema([("key", pa.string()), ("ext", pa.string()), ("offset", pa.int64()), ("size", pa.int64())]),
+    ).replace_schema_metadata({"tar_size": str(fs.size(path))})
+    with storage.atomic_open(table_url, "wb") as f:
+        pq.write_table(table, f)
+    return len(members)
+
+
+def _replace_folder(sources: list[str], folder: str) -> None:
+    fs, path = url_to_fs(folder)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    for src in sources:
+        storage.copy(src, storage.join(folder, posixpath.basename(src)))
+
+
+def publish_search_files(layout: RunLayout) -> dict[str, Any]:
+    """Write ``index/metadata/`` and one offset table per current shard; unchanged inputs are kept.
+
+    The search marker records what they were made from (the embeddings' fingerprint and
+    each tar's size), so a rerun over the same data rewrites nothing.
+    """
+    embeddings = layout.embeddings_marker.read()
+    if embeddings is None:
+        raise FileNotFoundError(
+            f"{layout.embeddings_marker.url} does not exist: clip_embeddings has not finished for "
+            f"{layout.output_root}, so there is nothing to publish for search"
+        )
+    tars = layout.current_shards()
+    sizes = {}
+    for tar in tars:
+        fs, tar_path = url_to_fs(tar)
+        sizes["/".join(shard_location(tar))] = fs.size(tar_path)
+    wanted = {"embeddings_fingerprint": embeddings["input_fingerprint"], "tars": sizes}
+    marker = layout.search_marker
+    if marker.done_with(wanted) is not None:
+        log.info("Search files are current: %s matches %d shards", marker.url, len(tars))
+        return {"offset_tables_written": 0, "metadata_files_written": 0, "skipped": True}
+
+    published = marker.read() or {}
+    written = 0
+    for tar in tars:
+        part, shard = shard_location(tar)
+        table = layout.offsets_table(part, shard)
+        if published.get("tars", {}).get(f"{part}/{shard}") != sizes[f"{part}/{shard}"] or not storage.exists(table):
+            write_offsets(tar, table)
+            written += 1
+    for table in layout.offsets_tables():
+        part, name = posixpath.basename(posixpath.dirname(table)), posixpath.basename(table)
+        if f"{part}/{name[: -len('.parquet')]}" not in sizes:  # a shard no longer current
+            storage.remove(table)
+    metadata = storage.list_files(storage.join(layout.embeddings, "metadata"), "*.parquet")
+    index_metadata = storage.join(layout.index, "metadata")
+    if published.get("embeddings_fingerprint") != wanted["embeddings_fingerprint"] or not storage.exists(index_metadata):
+        _replace_folder(metadata, index_metadata)
+    else:
+        metadata = []
+    marker.mark_done(wanted, {})
+    log.info("Published %d offset tables and %d metadata files for search", written, len(metadata))
+    return {"offset_tables_written": written, "metadata_files_written": len(metadata), "skipped": False}

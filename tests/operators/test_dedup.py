@@ -1,0 +1,66 @@
+"""DedupOperator: the trigger form's dedup params, the job's argv, settings from rendered
+params, and no submission when the output is already current."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from operators.dedup import DEDUP_JOB, DedupOperator, dedup_job_args
+from operators.params import params_of, templates_of
+from stages.dedup.outputs import made_from
+from stages.dedup.settings import DedupSettings, RowPolicy
+from stages.layout import RunLayout
+
+
+def test_the_trigger_form_keeps_its_names_and_defaults() -> None:
+    params = params_of(DedupSettings)
+    assert {name: (param.value, param.schema) for name, param in params.items()} == {
+        "dedup_partitions": (4, {"type": "integer", "minimum": 1, "maximum": 100000}),
+        "max_caption_length": (4096, {"type": "integer", "minimum": 1}),
+        "long_captions": ("truncate", {"type": "string", "enum": ["truncate", "reject"]}),
+        "bad_files": ("fail", {"type": "string", "enum": ["fail", "skip"]}),
+    }
+    assert params["bad_files"].description.startswith("A raw file that is not CSV/parquet or has no URL column")
+
+
+def test_job_args() -> None:
+    settings = DedupSettings(dedup_partitions=16, policy=RowPolicy(max_caption_length=300, long_captions="reject", bad_files="skip"))
+    assert dedup_job_args(RunLayout("s3://laion/runs/1"), settings) == [
+        "--input", "s3://laion/runs/1/raw",
+        "--output", "s3://laion/runs/1/dedup",
+        "--partitions", "16",
+        "--seed", "0",
+        "--max-caption-length", "300",
+        "--long-captions", "reject",
+        "--bad-files", "skip",
+    ]  # fmt: skip
+
+
+def test_settings_come_from_the_rendered_params(tmp_path: Path) -> None:
+    from airflow.sdk import DAG
+
+    with DAG("dedup_settings", schedule=None, params=params_of(DedupSettings), render_template_as_native_obj=True) as dag:
+        operator = DedupOperator(task_id="dedup", output_root=str(tmp_path), settings=templates_of(DedupSettings))
+    assert operator.application == DEDUP_JOB and Path(DEDUP_JOB).is_file()
+    params = {"dedup_partitions": 7, "max_caption_length": 100, "long_captions": "reject", "bad_files": "skip"}
+    operator.render_template_fields({"params": params}, jinja_env=dag.get_template_env())
+    assert operator.stage_settings() == DedupSettings(7, RowPolicy(max_caption_length=100, long_captions="reject", bad_files="skip"))
+
+
+def test_a_current_output_is_not_submitted_again(tmp_path: Path) -> None:
+    layout = RunLayout(str(tmp_path))
+    Path(layout.raw).mkdir()
+    (Path(layout.raw) / "a.csv").write_text("URL,TEXT\nhttp://x.org/a.jpg,a\n")
+    settings = DedupSettings(dedup_partitions=2)
+    listing = [("a.csv", (Path(layout.raw) / "a.csv").stat().st_size)]
+    recorded = {"rows_in": 1, "rows_out": 1, "parts": ["part-00000.parquet", "part-00001.parquet"], "seconds": 2.5,
+                "files": [{"name": "a.csv", "rows": 1}]}  # fmt: skip
+    layout.dedup_marker.mark_done(made_from(listing, settings, seed=0), recorded)
+    # No such connection: a submission would fail.
+    operator = DedupOperator(task_id="dedup", output_root=str(tmp_path), settings={"dedup_partitions": 2}, conn_id="no_spark_here")
+    numbers = operator.execute(context={})
+    assert {k: v for k, v in numbers.items() if k not in ("started_at", "ended_at", "seconds")} == {
+        "rows_in": 1, "rows_out": 1, "parts": ["part-00000.parquet", "part-00001.parquet"], "job_seconds": 2.5,
+        "input_fingerprint": made_from(listing, settings, seed=0)["input_fingerprint"], "partitions": 2, "seed": 0,
+    }  # fmt: skip
+    assert numbers["ended_at"] >= numbers["started_at"] and numbers["seconds"] >= 0

@@ -1,0 +1,39 @@
+"""ClipEmbeddingsOperator: the trigger form's names, settings from rendered params, the run's shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from operators.embeddings import ClipEmbeddingsOperator
+from operators.params import params_of, templates_of
+from stages.embeddings import EmbeddingSettings, fingerprint
+from stages.layout import RunLayout
+
+
+def test_the_trigger_form_keeps_its_names_and_defaults() -> None:
+    assert {name: param.value for name, param in params_of(EmbeddingSettings).items()} == {
+        "clip_model": EmbeddingSettings().clip_model, "clip_batch_size": 256,
+    }  # fmt: skip
+    assert templates_of(EmbeddingSettings) == {"clip_model": "{{ params.clip_model }}", "clip_batch_size": "{{ params.clip_batch_size }}"}
+
+
+def test_settings_come_from_the_rendered_params(tmp_path: Path) -> None:
+    operator = ClipEmbeddingsOperator(task_id="clip_embeddings", output_root=str(tmp_path), settings={"clip_model": "m", "clip_batch_size": "8"})
+    assert operator.stage_settings() == EmbeddingSettings(clip_model="m", clip_batch_size=8, num_prepro_workers=None)
+
+
+def test_embeds_the_finished_shards_of_the_current_parts(tmp_path: Path) -> None:
+    """Embeddings already made from exactly those shards with that model: the task reports them."""
+    layout = RunLayout(str(tmp_path))
+    layout.dedup_marker.mark_done({"input_fingerprint": "d", "partitions": 1}, {"parts": ["part-00000.parquet"]})
+    images = Path(layout.part_images("part-00000"))
+    images.mkdir(parents=True)
+    (images / "0000000000.tar").write_bytes(b"t" * 512)
+    (images / "0000000000_stats.json").write_text('{"count": 4, "successes": 3}')
+    (images / "0000000001.tar").write_bytes(b"t" * 512)  # no stats: unfinished, not embedded
+    shards = [str(images / "0000000000.tar")]
+    layout.embeddings_marker.mark_done({"input_fingerprint": fingerprint(shards), "clip_model": "m"}, {"count": 3, "dim": 512})
+
+    operator = ClipEmbeddingsOperator(task_id="clip_embeddings", output_root=str(tmp_path), settings={"clip_model": "m"})
+    numbers = operator.execute(context={})
+    assert numbers["skipped"] is True and numbers["count"] == 3 and numbers["seconds"] >= 0

@@ -1,0 +1,86 @@
+"""The report: assembled from a run's markers and shards, rendered, written once per set of artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stages.layout import RunLayout
+from stages.report import build_report, render_html, stage_durations, write_report
+
+INDEXED = {"index_key": "Flat", "ntotal": 7, "size_bytes": 100, "recall_at_10": 1.0, "build_seconds": 0.1}
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> RunLayout:
+    """A finished run: dedup, two shards (one of a part no longer current), embeddings, indexes."""
+    layout = RunLayout(str(tmp_path / "run"))
+    layout.dedup_marker.mark_done(
+        {"input_fingerprint": "d", "partitions": 1, "seed": 0},
+        {"parts": ["part-00000.parquet"], "rows_in": 12, "rows_invalid": 2, "rows_out": 10},
+    )
+    for part, shard, stats in (
+        ("part-00000", "0000000000", {"count": 10, "successes": 7, "failed_to_download": 3, "status_dict": {"success": 7, "HTTP Error 404": 3}}),
+        ("part-00009", "0000900000", {"count": 99, "successes": 99}),
+    ):
+        folder = Path(layout.part_images(part))
+        folder.mkdir(parents=True)
+        (folder / f"{shard}_stats.json").write_text(json.dumps(stats))
+        (folder / f"{shard}.tar").write_bytes(b"t" * 1024)
+    layout.embeddings_marker.mark_done({"input_fingerprint": "e", "clip_model": "m"}, {"count": 7, "dim": 512, "device": "cpu"})
+    layout.index_marker.mark_done({"input_fingerprint": "i"}, {"image": INDEXED, "text": INDEXED})
+    return layout
+
+
+def test_the_report_counts_the_current_artifacts(run: RunLayout) -> None:
+    report = build_report(run, {"dedup": [{"started_at": 1.0, "ended_at": 3.0}]}, {"run_id": "r1"})
+    assert [(f["step"], f["count"]) for f in report["funnel"]] == [
+        ("raw rows", 12), ("valid", 10), ("unique", 10), ("downloaded", 7), ("embedded", 7), ("indexed", 7),
+    ]  # fmt: skip
+    assert report["download"]["success_rate"] == 0.7 and report["download"]["errors"] == {"HTTP Error 404": 3}
+    assert [s["shard"] for s in report["download"]["shards"]] == ["part-00000/0000000000"]
+    assert report["stages"] == [{"name": "dedup", "duration_s": 2.0, "tasks": 1}]
+    assert report["embeddings"]["clip_model"] == "m" and report["index"]["text"] == INDEXED
+
+
+def test_a_report_of_the_same_artifacts_is_written_once(run: RunLayout) -> None:
+    first = write_report(run, build_report(run, {}, {"run_id": "r1"}))
+    assert json.loads(Path(first["report_json"]).read_text())["run"]["run_id"] == "r1"
+    assert "laion_pipeline run r1" in Path(first["report_html"]).read_text()
+    again = write_report(run, build_report(run, {}, {"run_id": "r2"}))
+    assert again["skipped"] is True and json.loads(Path(first["report_json"]).read_text())["run"]["run_id"] == "r1"
+    run.index_marker.mark_done({"input_fingerprint": "i2"}, {"image": INDEXED, "text": INDEXED})
+    assert "skipped" not in write_report(run, build_report(run, {}, {"run_id": "r3"}))
+
+
+def test_a_report_needs_every_stage_finished(run: RunLayout) -> None:
+    run.index_marker.clear()
+    with pytest.raises(FileNotFoundError, match=r"index/_SUCCESS.json does not exist: build_index has not finished"):
+        build_report(run, {}, {})
+
+
+def test_mapped_stage_duration_is_its_span_not_the_sum() -> None:
+    numbers = {
+        "dedup": [{"started_at": 100.0, "ended_at": 110.0}],
+        "download_images": [{"started_at": 110.0, "ended_at": 130.0}, {"started_at": 112.0, "ended_at": 125.0}],
+    }
+    assert stage_durations(numbers) == [
+        {"name": "dedup", "duration_s": 10.0, "tasks": 1},
+        {"name": "download_images", "duration_s": 20.0, "tasks": 2},
+    ]
+
+
+def test_report_html_escapes_what_it_shows() -> None:
+    report = {
+        "run": {"run_id": "<script>"},
+        "stages": [{"name": "dedup", "duration_s": 1.0}],
+        "funnel": [{"step": "raw rows", "count": 3}],
+        "dedup": {"rows_invalid_by_reason": {"<i>": 2}},
+        "download": {"errors": {"<b>bad</b>": 1}, "shards": [], "success_rate": 0.5, "bytes": 0},
+        "embeddings": {"count": 1, "dim": 2, "clip_model": "m", "device": "cpu"},
+        "index": {},
+    }
+    page = render_html(report)
+    assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;b&gt;bad&lt;/b&gt;" in page and "&lt;i&gt;" in page
