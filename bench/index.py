@@ -17,8 +17,10 @@ import numpy as np
 from bench.data import clustered_vectors
 from bench.harness import PY, Bench, env_for_tools, run_json
 from bench.sizes import Size
+from stages.index.build import IndexSettings
 
-MEMORY_BUDGET, MEMORY_AVAILABLE = "4G", "8G"  # the DAG's defaults
+# The DAG's defaults.
+MEMORY_BUDGET, MEMORY_AVAILABLE = IndexSettings().max_index_memory_usage, IndexSettings().current_memory_available
 
 
 def build_and_query(vectors_npy: str, work: str, queries: int) -> dict[str, Any]:

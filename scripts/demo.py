@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path[:0] = [str(REPO / "scripts"), str(REPO / "plugins")]  # run_dag, progress; the search plugin
 
 from progress import Console, new_log_file, run_logged  # noqa: E402
 from run_dag import migrate_db, run_watched  # noqa: E402
@@ -45,7 +45,8 @@ def demo_conf(web: Path, output: Path, clip_model: str) -> dict:
 
 
 def print_summary(output: Path, clip_model: str, out: TextIO | None = None) -> None:
-    from stages.search import RunIndex, TextEncoder
+    from laion_search.encoder import ClipEncoder
+    from laion_search.reader import RunIndex
 
     out = out or sys.stdout
     report = json.loads((output / "report" / "report.json").read_text())
@@ -58,7 +59,7 @@ def print_summary(output: Path, clip_model: str, out: TextIO | None = None) -> N
         f"report: {output / 'report' / 'report.html'}",
     ]
     query = "a photo of a cat"
-    hits = RunIndex(str(output)).search_vector(TextEncoder(clip_model).encode(query), k=3)
+    hits = RunIndex(str(output)).search_vector(ClipEncoder(clip_model).encode_text(query), k=3)
     lines.append(f"search {query!r} (the demo weights are untrained: the ranking carries no meaning):")
     lines += [f"  {hit.score:+.3f}  {hit.key}  {hit.caption[:70]}" for hit in hits]
     out.write("".join(line + "\n" for line in lines))

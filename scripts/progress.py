@@ -344,10 +344,12 @@ def watching_stages(console: Console, every: float = 5.0) -> Iterator[StageListe
 
 def report_failure(console: Console, listener: StageListener | None, what: str) -> None:
     """Which task failed, and the log's last lines up to its failure (up to the end when no task failed)."""
-    failed = ", ".join(listener.failed) if listener and listener.failed else "no task failed, see the log"
-    end = listener.log_size_at_failure if listener else None
+    if listener and listener.failed:
+        headline, end = f"{what} failed in {', '.join(listener.failed)}; the log up to the failure:", listener.log_size_at_failure
+    else:
+        headline, end = f"{what} failed; the log's last lines:", None
     lines = tail(console.log_path, TAIL_LINES, end)
-    console.line(f"{what} failed ({failed}); the log up to the failure:")
+    console.line(headline)
     for line in lines:
         console.stream.write(f"  | {line[:LONGEST_TAIL_LINE]}\n")
     console.stream.flush()

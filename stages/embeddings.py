@@ -143,8 +143,8 @@ def compute_embeddings(
     for partition in todo:
         embed_partition(partition, plan["partitions"][partition]["tars"], output_folder, settings)
     seconds = time.monotonic() - started
-    count, dim = count_embeddings(storage.join(output_folder, "img_emb"))
-    text_count, _ = count_embeddings(storage.join(output_folder, "text_emb"))
+    count, dim = count_embeddings(layout.embedding_files("img_emb"))
+    text_count, _ = count_embeddings(layout.embedding_files("text_emb"))
     numbers = {
         "count": count,
         "text_count": text_count,

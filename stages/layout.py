@@ -41,9 +41,17 @@ class Marker:
     """A stage's completion marker: a JSON file holding its numbers and the inputs they came from."""
 
     url: str
+    stage: str = "the stage"  # the task that writes it, for messages
 
     def read(self) -> dict[str, Any] | None:
         return storage.read_json_or_none(self.url)
+
+    def recorded(self) -> dict[str, Any]:
+        """What the marker records; a clear error when its stage has not finished."""
+        recorded = self.read()
+        if recorded is None:
+            raise FileNotFoundError(f"{self.url} does not exist: {self.stage} has not finished there")
+        return recorded
 
     def done_with(self, inputs: Mapping[str, Any]) -> dict[str, Any] | None:
         """The recorded marker when it was made from exactly ``inputs``, else None."""
@@ -126,19 +134,19 @@ class RunLayout:
     # --- completion markers -------------------------------------------------------------
     @property
     def dedup_marker(self) -> Marker:
-        return Marker(self.path("dedup", DEDUP_MARKER))
+        return Marker(self.path("dedup", DEDUP_MARKER), "dedup")
 
     @property
     def embeddings_marker(self) -> Marker:
-        return Marker(self.path("embeddings", EMBEDDINGS_MARKER))
+        return Marker(self.path("embeddings", EMBEDDINGS_MARKER), "clip_embeddings")
 
     @property
     def index_marker(self) -> Marker:
-        return Marker(self.path("index", INDEX_MARKER))
+        return Marker(self.path("index", INDEX_MARKER), "build_index")
 
     @property
     def search_marker(self) -> Marker:
-        return Marker(self.path("index", SEARCH_MARKER))
+        return Marker(self.path("index", SEARCH_MARKER), "build_index")
 
     def has_index(self) -> bool:
         """Whether a complete pair of indexes is published (what the search plugin offers)."""
@@ -147,10 +155,7 @@ class RunLayout:
     # --- dedup parts ----------------------------------------------------------------------
     def dedup_stats(self) -> dict[str, Any]:
         """dedup's ``_stats.json``; a clear error when dedup has not finished here."""
-        stats = self.dedup_marker.read()
-        if stats is None:
-            raise FileNotFoundError(f"{self.dedup_marker.url} does not exist: the dedup stage has not finished for {self.output_root}")
-        return stats
+        return self.dedup_marker.recorded()
 
     def current_parts(self, dedup_stats: Mapping[str, Any] | None = None) -> list[str]:
         """The part names (``part-00000`` ...) of the current dedup output."""

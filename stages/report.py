@@ -10,7 +10,7 @@ from typing import Any
 
 from stages import storage
 from stages.images.shards import summarize_shards
-from stages.layout import Marker, RunLayout
+from stages.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +33,12 @@ def stage_durations(stage_numbers: dict[str, list[dict[str, Any]]]) -> list[dict
     return stages
 
 
-def finished(marker: Marker, stage: str, layout: RunLayout) -> dict[str, Any]:
-    """What ``marker`` records; a clear error when ``stage`` has not finished."""
-    recorded = marker.read()
-    if recorded is None:
-        raise FileNotFoundError(f"{marker.url} does not exist: {stage} has not finished for {layout.output_root}")
-    return recorded
-
-
 def build_report(layout: RunLayout, stage_numbers: dict[str, list[dict[str, Any]]], run: dict[str, Any]) -> dict[str, Any]:
     """Assemble report.json from the artifacts on storage (the truth) and the tasks' timings."""
     dedup = layout.dedup_stats()
     shards = summarize_shards(layout.images, layout.current_parts(dedup))
-    embeddings = finished(layout.embeddings_marker, "clip_embeddings", layout)
-    index = finished(layout.index_marker, "build_index", layout)
+    embeddings = layout.embeddings_marker.recorded()
+    index = layout.index_marker.recorded()
     count = shards["count"]
     download = {
         "count": count,
@@ -155,8 +147,7 @@ def write_report(layout: RunLayout, report: dict[str, Any]) -> dict[str, Any]:
     Skipped when report.json was made from the same artifacts: it keeps describing the run
     that made them, byte for byte.
     """
-    json_url = storage.join(layout.report, "report.json")
-    html_url = storage.join(layout.report, "report.html")
+    json_url, html_url = layout.report_json, layout.report_html
     previous = storage.read_json_or_none(json_url)
     if previous is not None and previous.get("inputs_fingerprint") == report["inputs_fingerprint"]:
         log.info("Skipping report: %s (run %s) describes the same artifacts", json_url, previous["run"].get("run_id"))

@@ -48,7 +48,7 @@ def build_indexes(
     during the builds leaves the folder as it was; readers take the pair as current only
     with a marker that names its inputs.
     """
-    folders = {name: storage.join(layout.embeddings, sub) for name, sub in KINDS.items()}
+    folders = {name: layout.embedding_files(sub) for name, sub in KINDS.items()}
     npys = sorted(f for folder in folders.values() for f in storage.list_files(folder, "*.npy"))
     index_key = settings.index_key or None
     built_with = {"max_index_memory_usage": settings.max_index_memory_usage, "index_key": index_key, "recall_target": RECALL_TARGET}

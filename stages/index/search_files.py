@@ -66,12 +66,7 @@ def publish_search_files(layout: RunLayout) -> dict[str, Any]:
     The search marker records what they were made from (the embeddings' fingerprint and
     each tar's size), so a rerun over the same data rewrites nothing.
     """
-    embeddings = layout.embeddings_marker.read()
-    if embeddings is None:
-        raise FileNotFoundError(
-            f"{layout.embeddings_marker.url} does not exist: clip_embeddings has not finished for "
-            f"{layout.output_root}, so there is nothing to publish for search"
-        )
+    embeddings = layout.embeddings_marker.recorded()
     tars = layout.current_shards()
     sizes = {}
     for tar in tars:
@@ -95,10 +90,9 @@ def publish_search_files(layout: RunLayout) -> dict[str, Any]:
         part, name = posixpath.basename(posixpath.dirname(table)), posixpath.basename(table)
         if f"{part}/{name[: -len('.parquet')]}" not in sizes:  # a shard no longer current
             storage.remove(table)
-    metadata = storage.list_files(storage.join(layout.embeddings, "metadata"), "*.parquet")
-    index_metadata = storage.join(layout.index, "metadata")
-    if published.get("embeddings_fingerprint") != wanted["embeddings_fingerprint"] or not storage.exists(index_metadata):
-        _replace_folder(metadata, index_metadata)
+    metadata = storage.list_files(layout.embedding_files("metadata"), "*.parquet")
+    if published.get("embeddings_fingerprint") != wanted["embeddings_fingerprint"] or not storage.exists(layout.search_metadata):
+        _replace_folder(metadata, layout.search_metadata)
     else:
         metadata = []
     marker.mark_done(wanted, {})

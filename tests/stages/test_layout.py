@@ -56,7 +56,7 @@ def test_layout_of_a_run_on_s3(s3_bucket: str) -> None:
 
 
 def test_a_run_without_dedup_says_which_file_is_missing(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"dedup/_stats.json does not exist: the dedup stage has not finished"):
+    with pytest.raises(FileNotFoundError, match=r"dedup/_stats.json does not exist: dedup has not finished"):
         RunLayout(str(tmp_path)).current_parts()
 
 
