@@ -11,10 +11,13 @@ the LAION-400M preprocessing as one DAG.
 | download_images (one per part) | img2dataset | `images/<part>/00000.tar` ... |
 | clip_embeddings (pool `gpu`) | clip-retrieval | `embeddings/{img_emb,text_emb,metadata}/` |
 | build_index (pool `gpu`) | autofaiss | `index/{image,text}.index` |
-| report | | `report/report.json`, `report/report.html` |
+| report (every run past dedup) | | `report/report.json`, `report/report.html` |
 
 Every setting is a param of the run; deployment defaults come from `LAION_*` environment
-variables (see the README).
+variables (see the README). A stage whose input no retry can fix (a bad setting, a
+malformed raw file, nothing downloaded) fails at once, without retries. The report task
+runs whatever happened upstream: for every run past dedup it writes the report, which
+says which stage stopped and why; then it fails too when the run did not finish.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import os
 from datetime import datetime, timezone
 
-from airflow.sdk import Asset, Param, dag
+from airflow.sdk import Asset, Param, TriggerRule, dag
 
 from operators.dedup import DedupOperator
 from operators.download import DownloadImagesOperator, ListPartsOperator
@@ -99,9 +102,11 @@ def laion_pipeline() -> None:
         **gpu,
         **stage,
     )
-    report = ReportOperator(task_id="report", **stage)
+    # Runs whatever happened upstream, so a run that failed after dedup has its report too.
+    report = ReportOperator(task_id="report", trigger_rule=TriggerRule.ALL_DONE, **stage)
 
     fetch >> dedup >> parts >> download >> embeddings >> index >> report
+    download >> report  # one failed part stops the later stages at once; the report waits for every part
 
 
 laion_pipeline()

@@ -1,4 +1,4 @@
-"""The shared part of every pipeline operator: storage set-up, timing, numbers, metrics."""
+"""The shared part of every pipeline operator: storage set-up, timing, numbers, metrics, failures."""
 
 from __future__ import annotations
 
@@ -6,12 +6,16 @@ import time
 from typing import Any, Sequence
 
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from stages import storage
+from stages.errors import InputError, PermanentError
 from stages.layout import RunLayout
 from stages.settings import settings_from
 
 METRIC_PREFIX = "laion_pipeline"
+FAILURE_KEY = "failure"  # the XCom where a failed try leaves its reason for the report
+MAX_REASON_CHARS = 1000  # a Spark failure carries its log tail: the report keeps the start
 
 
 class StageOperator(BaseOperator):
@@ -21,6 +25,10 @@ class StageOperator(BaseOperator):
     dict, plus ``started_at``/``ended_at``/``seconds``, becomes the task's XCom return
     value (shown in the UI's XCom tab) and each number is emitted as a StatsD/OpenTelemetry
     gauge ``laion_pipeline.<task_id>.<key>`` through Airflow's own metrics.
+
+    A failed try leaves its reason in the XCom ``failure`` for the report. An error that
+    no retry fixes (:class:`stages.errors.PermanentError`: a bad setting, a malformed
+    input, nothing to do) fails the task at once, without the retries and their back-off.
 
     A stage with settings names its dataclass in ``settings_class``; the operator takes
     their values as ``settings`` (usually ``operators.params.templates_of(settings_class)``)
@@ -51,20 +59,52 @@ class StageOperator(BaseOperator):
         return RunLayout(str(self.output_root))
 
     def stage_settings(self) -> Any:
+        """The settings dataclass from the rendered ``settings``; a bad value is an :class:`InputError`."""
         if self.settings_class is None:
             raise TypeError(f"{type(self).__name__} has no settings_class")
-        return settings_from(self.settings_class, self.settings)
+        try:
+            return settings_from(self.settings_class, self.settings)
+        except (TypeError, ValueError) as error:
+            raise InputError(f"{self.task_id}: bad setting: {error}") from error
 
     def run(self, context: Any) -> dict[str, Any]:
         raise NotImplementedError
 
     def execute(self, context: Any) -> dict[str, Any]:
-        storage.configure_storage(str(self.output_root), self.storage_conn_id)
-        started = time.time()
-        numbers = self.run(context)
+        try:
+            storage.configure_storage(str(self.output_root), self.storage_conn_id)
+            started = time.time()
+            numbers = self.run(context)
+        except AirflowSkipException:
+            raise
+        except Exception as error:
+            self.record_failure(context, error)
+            if isinstance(error, PermanentError):
+                raise AirflowFailException(f"{error} (not retried: the same input fails the same way)") from error
+            raise
         numbers = timed(started, time.time(), numbers)
         emit_stage_metrics(self.task_id, numbers)
         return numbers
+
+    def record_failure(self, context: Any, error: BaseException) -> None:
+        """Leave the reason of a failed try in the task's ``failure`` XCom, for the report.
+
+        The next try starts by clearing the task's XComs, so only a task that ended failed
+        keeps one. Outside a task run (no ``ti`` in the context) there is nowhere to leave it.
+        """
+        ti = context.get("ti") if isinstance(context, dict) else None
+        if ti is None:
+            return
+        try:
+            ti.xcom_push(key=FAILURE_KEY, value={"reason": failure_reason(error)})
+        except Exception:  # the task's own error is the one raised; this one is only logged
+            self.log.warning("Could not record the failure of %s for the report", self.task_id, exc_info=True)
+
+
+def failure_reason(error: BaseException) -> str:
+    """What the report says of a failed try: the message of an expected error, else its type too."""
+    reason = str(error) if isinstance(error, PermanentError) else f"{type(error).__name__}: {error}"
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 1] + "…"
 
 
 def timed(started: float, ended: float, numbers: dict[str, Any]) -> dict[str, Any]:

@@ -4,13 +4,20 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+from airflow.sdk.exceptions import AirflowException
 
 from operators.base import StageOperator
+from stages.dedup.inputs import DedupInputError
 from stages.dedup.settings import DedupSettings
+from stages.errors import InputError
 from stages.layout import RunLayout
 
 DEDUP_JOB = str(Path(__file__).resolve().parents[1] / "stages" / "dedup" / "job.py")
 SEED = 0  # of the parts' shuffle: fixed, so the same raw files and settings give the same parts
+# How stages/dedup/job.py ends when it rejects its input (DedupInputError): a log line
+# "Dedup failed: <what is wrong>", then exit status 2. spark-submit passes both on.
+INPUT_REJECTED_EXIT = 2
+INPUT_REJECTED_LINE = "Dedup failed: "
 
 
 def dedup_job_args(layout: RunLayout, settings: DedupSettings, seed: int = SEED) -> list[str]:
@@ -32,7 +39,9 @@ class DedupOperator(StageOperator, SparkSubmitOperator):
 
     StageOperator comes first among the bases: its ``execute`` sets up storage, times the
     task and publishes the numbers :meth:`run` returns; :meth:`run` submits through
-    SparkSubmitOperator's ``execute``, unless the output is already current. The store's
+    SparkSubmitOperator's ``execute``, unless the output is already current. Input the job
+    rejects (a malformed raw file with ``bad_files=fail``, no raw file at all) is an
+    :class:`~stages.errors.InputError`: the task fails without retries. The store's
     credentials reach the Spark application through fsspec's environment configuration,
     never through its argv (which Airflow logs). Returns the job's ``_stats.json`` numbers,
     the job's own time as ``job_seconds``.
@@ -54,11 +63,37 @@ class DedupOperator(StageOperator, SparkSubmitOperator):
         from stages.dedup.outputs import current_output
 
         layout, settings = self.layout, self.stage_settings()
-        # Already made from these raw files and settings: no Spark application is submitted.
-        stats = current_output(layout.raw, layout.dedup_marker, settings, SEED)
-        if stats is None:
-            self.application_args = dedup_job_args(layout, settings)
-            SparkSubmitOperator.execute(self, context)
-            stats = layout.dedup_stats()
+        try:
+            # Already made from these raw files and settings: no Spark application is submitted.
+            stats = current_output(layout.raw, layout.dedup_marker, settings, SEED)
+            if stats is None:
+                stats = self.submit(context, layout, settings)
+        except DedupInputError as error:
+            raise InputError(f"dedup rejected its input: {error}") from error
         numbers = {k: v for k, v in stats.items() if k not in ("files", "seconds", "policy")}
         return {**numbers, "job_seconds": stats.get("seconds")}
+
+    def submit(self, context: Any, layout: RunLayout, settings: DedupSettings) -> dict[str, Any]:
+        """spark-submit the job; the stats it recorded. Its verdict on its input is a DedupInputError here too."""
+        self.application_args = dedup_job_args(layout, settings)
+        try:
+            SparkSubmitOperator.execute(self, context)
+        except AirflowException as error:
+            said = rejection(str(error))
+            # Python also exits 2 on its own usage errors: only the job's line tells its verdict.
+            if said is None or self.submit_exit_status() != INPUT_REJECTED_EXIT:
+                raise
+            raise DedupInputError(said) from error
+        return layout.dedup_stats()
+
+    def submit_exit_status(self) -> int | None:
+        """The exit status of the last spark-submit, None when none ran."""
+        process = getattr(self._hook, "_submit_sp", None)  # the hook keeps its Popen only privately
+        return None if process is None else process.returncode
+
+
+def rejection(spark_error: str) -> str | None:
+    """What the job said was wrong with its input, from the output tail in a spark-submit
+    error; None when it said nothing of the kind."""
+    said = [line.split(INPUT_REJECTED_LINE, 1)[1] for line in spark_error.splitlines() if INPUT_REJECTED_LINE in line]
+    return said[-1].strip() if said else None

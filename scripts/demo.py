@@ -39,6 +39,8 @@ def demo_conf(web: Path, output: Path, clip_model: str) -> dict:
         "clip_batch_size": 64,
         # The sample web is on loopback, which downloads refuse unless opened on purpose.
         "allowed_networks": ["127.0.0.0/8"],
+        # One local server is every host: no pace per host (the default is polite to real hosts).
+        "max_requests_per_second_per_host": 0,
         "max_index_memory_usage": "1G",
         "current_memory_available": "2G",
     }

@@ -24,6 +24,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from stages import storage
+from stages.errors import NothingToDo
 from stages.layout import RunLayout
 from stages.processes import spawn_without_main
 from stages.settings import setting
@@ -106,9 +107,12 @@ def compute_embeddings(
     Work is planned in partitions of whole tars (``_plan.json``). A partition, once
     planned, keeps its tars: shards added later (a retry of failed samples) go to new
     partitions, so only those are computed; finished partitions are never redone.
+    No shard, or no image in them: :class:`~stages.errors.NothingToDo`.
     """
     if not tars:
-        raise ValueError(f"no finished image shards to embed under {layout.images}: did every download fail?")
+        raise NothingToDo(f"no finished image shards to embed under {layout.images}: did every download fail?")
+    if not samples:
+        raise NothingToDo(f"nothing to embed: the {len(tars)} finished image shards under {layout.images} hold no image")
     output_folder, marker = layout.embeddings, layout.embeddings_marker
     inputs = {"input_fingerprint": fingerprint(tars), "clip_model": settings.clip_model}
     done = marker.done_with(inputs)

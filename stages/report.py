@@ -1,4 +1,8 @@
-"""report: every stage's numbers in ``report/report.json`` and a readable ``report.html``."""
+"""report: every stage's numbers in ``report/report.json`` and a readable ``report.html``.
+
+A report is written for every run that got past dedup, whether the later stages finished
+or not: it reads what is on storage and says which stages did not finish, and why.
+"""
 
 from __future__ import annotations
 
@@ -6,39 +10,85 @@ import hashlib
 import html
 import json
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 from stages import storage
+from stages.errors import NothingToDo
 from stages.images.shards import summarize_shards
 from stages.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
 STAGE_ORDER = ["fetch_metadata", "dedup", "download_images", "clip_embeddings", "build_index"]
+SUCCESS = "success"  # Airflow's task state of a finished stage; the others are reported as they are
+REASONS_SHOWN = 5  # failure reasons named in a one-line summary of the downloads
 
 
-def stage_durations(stage_numbers: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Wall time of each stage: from its first task's start to its last task's end.
+def downloads_line(downloads: Mapping[str, Any]) -> str:
+    """The downloads in one line: ``0 of 48 downloaded: refused_private_address 48``."""
+    reasons = sorted(downloads["errors"].items(), key=lambda kv: (-kv[1], kv[0]))
+    line = f'{downloads["successes"]} of {downloads["count"]} downloaded'
+    if not reasons:
+        return line
+    named = ", ".join(f"{reason} {n}" for reason, n in reasons[:REASONS_SHOWN])
+    more = f" and {len(reasons) - REASONS_SHOWN} more reasons" if len(reasons) > REASONS_SHOWN else ""
+    return f"{line}: {named}{more}"
 
-    A mapped stage's tasks overlap, so their spans are merged, not summed.
+
+def summarize_stages(
+    stage_numbers: Mapping[str, list[dict[str, Any]]], outcomes: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Each stage's state, wall time and, when it did not finish, why.
+
+    The wall time runs from the stage's first task's start to its last task's end (a mapped
+    stage's tasks overlap, so their spans are merged, not summed); None when no task of the
+    stage finished. Without ``outcomes`` every stage that reported numbers succeeded.
     """
     stages = []
     for name in STAGE_ORDER:
         runs = [n for n in stage_numbers.get(name, []) if n and "started_at" in n]
-        if not runs:
+        outcome = (outcomes or {}).get(name)
+        if not runs and outcome is None:
             continue
-        start = min(n["started_at"] for n in runs)
-        end = max(n["ended_at"] for n in runs)
-        stages.append({"name": name, "duration_s": round(end - start, 3), "tasks": len(runs)})
+        duration = round(max(n["ended_at"] for n in runs) - min(n["started_at"] for n in runs), 3) if runs else None
+        entry = {"name": name, "state": outcome["state"] if outcome else SUCCESS, "duration_s": duration, "tasks": len(runs)}
+        if outcome and outcome.get("reason"):
+            entry["reason"] = outcome["reason"]
+        stages.append(entry)
     return stages
 
 
-def build_report(layout: RunLayout, stage_numbers: dict[str, list[dict[str, Any]]], run: dict[str, Any]) -> dict[str, Any]:
-    """Assemble report.json from the artifacts on storage (the truth) and the tasks' timings."""
+def unfinished_reason(stages: list[dict[str, Any]]) -> str | None:
+    """Why the run is incomplete: its first stage that did not succeed, and that stage's reason."""
+    for stage in stages:
+        if stage["state"] != SUCCESS:
+            reason = f'{stage["name"]} {stage["state"]}'
+            return f'{reason}: {stage["reason"]}' if stage.get("reason") else reason
+    return None
+
+
+def build_report(
+    layout: RunLayout,
+    stage_numbers: Mapping[str, list[dict[str, Any]]],
+    run: dict[str, Any],
+    outcomes: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Assemble report.json from the artifacts on storage (the truth) and the tasks' timings.
+
+    ``outcomes`` say how each stage's tasks ended in this run (``{"state": ..., "reason":
+    ...}`` by stage). A stage that did not succeed has no numbers in the report (its
+    marker, perhaps an earlier run's, is not read) and the funnel stops before it. Without
+    ``outcomes``, every stage must have finished. No report without dedup's parts.
+    """
+    stages = summarize_stages(stage_numbers, outcomes)
+    states = {s["name"]: s["state"] for s in stages}
+    if states.get("dedup", SUCCESS) != SUCCESS:
+        raise NothingToDo(f"no report for {layout.output_root}: {unfinished_reason(stages)}")
     dedup = layout.dedup_stats()
     shards = summarize_shards(layout.images, layout.current_parts(dedup))
-    embeddings = layout.embeddings_marker.recorded()
-    index = layout.index_marker.recorded()
+    finished = {name: states.get(name, SUCCESS) == SUCCESS for name in STAGE_ORDER}
+    embeddings = layout.embeddings_marker.recorded() if finished["clip_embeddings"] else None
+    index = layout.index_marker.recorded() if finished["build_index"] else None
     count = shards["count"]
     download = {
         "count": count,
@@ -49,17 +99,32 @@ def build_report(layout: RunLayout, stage_numbers: dict[str, list[dict[str, Any]
         "errors": dict(sorted(shards["errors"].items(), key=lambda kv: -kv[1])),
         "bytes": shards["bytes"],
         "shards": shards["shards"],
+        "summary": downloads_line(shards),
     }
     index_summary = {
         name: {k: index[name][k] for k in ("index_key", "ntotal", "size_bytes", "recall_at_10", "build_seconds")}
         for name in ("image", "text")
-    }
-    # What the report says of the data: a rerun that changed none of it leaves the report as is.
-    inputs = json.dumps([dedup, shards, embeddings, index], sort_keys=True, default=str)
+    } if index else {}  # fmt: skip
+    funnel = [
+        {"step": "raw rows", "count": dedup["rows_in"]},
+        {"step": "valid", "count": dedup["rows_in"] - dedup["rows_invalid"]},
+        {"step": "unique", "count": dedup["rows_out"]},
+        {"step": "downloaded", "count": shards["successes"]},
+    ]
+    if embeddings is not None:
+        funnel.append({"step": "embedded", "count": embeddings["count"]})
+    if index is not None:
+        funnel.append({"step": "indexed", "count": index["image"]["ntotal"]})
+    # What the report says of the data and of how its stages ended: a rerun that changed
+    # none of it leaves the report as is.
+    ended = {s["name"]: [s["state"], s.get("reason")] for s in stages if s["state"] != SUCCESS}
+    inputs = json.dumps([dedup, shards, embeddings, index, ended], sort_keys=True, default=str)
     return {
         "inputs_fingerprint": hashlib.sha256(inputs.encode()).hexdigest(),
         "run": run,
-        "stages": stage_durations(stage_numbers),
+        "complete": all(finished.values()),
+        "reason": unfinished_reason(stages),
+        "stages": stages,
         "dedup": {
             **{k: dedup[k] for k in ("rows_in", "rows_invalid", "rows_out", "partitions")},
             "rows_invalid_by_reason": dedup.get("rows_invalid_by_reason", {}),
@@ -67,16 +132,9 @@ def build_report(layout: RunLayout, stage_numbers: dict[str, list[dict[str, Any]
             "files_rejected": dedup.get("files_rejected", []),
         },
         "download": download,
-        "embeddings": {k: embeddings.get(k) for k in ("count", "dim", "device", "clip_model", "samples_per_second")},
+        "embeddings": {k: (embeddings or {}).get(k) for k in ("count", "dim", "device", "clip_model", "samples_per_second")},
         "index": index_summary,
-        "funnel": [
-            {"step": "raw rows", "count": dedup["rows_in"]},
-            {"step": "valid", "count": dedup["rows_in"] - dedup["rows_invalid"]},
-            {"step": "unique", "count": dedup["rows_out"]},
-            {"step": "downloaded", "count": shards["successes"]},
-            {"step": "embedded", "count": embeddings["count"]},
-            {"step": "indexed", "count": index["image"]["ntotal"]},
-        ],
+        "funnel": funnel,
     }
 
 
@@ -93,9 +151,17 @@ def _bars(rows: list[tuple[str, float, str]], color: str) -> str:
     return "\n".join(out)
 
 
+def stage_shown(stage: Mapping[str, Any]) -> str:
+    """A stage's duration, or how it ended when it did not finish."""
+    state = stage.get("state", SUCCESS)
+    if state != SUCCESS or stage["duration_s"] is None:
+        return f'{state}: {stage["reason"]}' if stage.get("reason") else str(state)
+    return f'{stage["duration_s"]:.1f} s'
+
+
 def render_html(report: dict[str, Any]) -> str:
-    """A self-contained page: stage durations and the funnel as bar charts, then tables."""
-    stages = _bars([(s["name"], s["duration_s"], f'{s["duration_s"]:.1f} s') for s in report["stages"]], "#3b82f6")
+    """A self-contained page: how the run ended, stage durations and the funnel as bar charts, then tables."""
+    stages = _bars([(s["name"], s["duration_s"] or 0, stage_shown(s)) for s in report["stages"]], "#3b82f6")
     funnel = _bars([(f["step"], f["count"], f'{f["count"]:,}') for f in report["funnel"]], "#10b981")
     errors = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in report["download"]["errors"].items()
@@ -113,15 +179,26 @@ def render_html(report: dict[str, Any]) -> str:
         f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in report["dedup"].get("rows_invalid_by_reason", {}).items()
     ) or "<tr><td colspan=2>none</td></tr>"
     run = html.escape(str(report["run"].get("run_id", "")))
+    ended = "" if report.get("complete", True) else (
+        f'<p class="incomplete">The run did not finish: {html.escape(str(report.get("reason")))}</p>'
+    )
+    embeddings = report["embeddings"]
+    embedded = (
+        f'{embeddings["count"]:,} vectors of dimension {embeddings["dim"]} '
+        f'({html.escape(str(embeddings["clip_model"]))} on {html.escape(str(embeddings["device"]))})'
+        if embeddings.get("count") is not None else "none: clip_embeddings did not finish"
+    )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>laion_pipeline report {run}</title>
 <style>
 body{{font-family:system-ui,sans-serif;margin:2em;max-width:60em;color:#111}}
 .row{{display:flex;align-items:center;margin:.2em 0}}
 .label{{width:12em}} .bar{{display:inline-block;height:1.1em;border-radius:3px}} .value{{margin-left:.5em}}
+.incomplete{{border-left:4px solid #ef4444;padding:.3em .8em;background:#fef2f2}}
 table{{border-collapse:collapse;margin:.5em 0}} td,th{{border:1px solid #ddd;padding:.25em .6em;text-align:left}}
 </style></head><body>
 <h1>laion_pipeline run {run}</h1>
+{ended}
 <h2>Stage durations</h2>
 {stages}
 <h2>Samples through the pipeline</h2>
@@ -129,12 +206,12 @@ table{{border-collapse:collapse;margin:.5em 0}} td,th{{border:1px solid #ddd;pad
 <h2>Rejected metadata rows</h2>
 <table><tr><th>reason</th><th>rows</th></tr>{rejected}</table>
 <h2>Downloads</h2>
-<p>success rate {report["download"]["success_rate"]}, {report["download"]["bytes"]:,} bytes of tars</p>
+<p>{html.escape(report["download"].get("summary", ""))}; success rate {report["download"]["success_rate"]},
+{report["download"]["bytes"]:,} bytes of tars</p>
 <table><tr><th>failure reason</th><th>samples</th></tr>{errors}</table>
 <table><tr><th>shard</th><th>successes</th><th>bytes</th></tr>{shards}</table>
 <h2>Embeddings</h2>
-<p>{report["embeddings"]["count"]:,} vectors of dimension {report["embeddings"]["dim"]}
-({html.escape(str(report["embeddings"]["clip_model"]))} on {report["embeddings"]["device"]})</p>
+<p>{embedded}</p>
 <h2>Indexes</h2>
 <table><tr><th>index</th><th>key</th><th>vectors</th><th>bytes</th><th>recall@10</th></tr>{index}</table>
 </body></html>
@@ -142,7 +219,7 @@ table{{border-collapse:collapse;margin:.5em 0}} td,th{{border:1px solid #ddd;pad
 
 
 def write_report(layout: RunLayout, report: dict[str, Any]) -> dict[str, Any]:
-    """Write report.html, then report.json (last: its presence marks a complete report).
+    """Write report.html, then report.json (last: its presence marks a whole report).
 
     Skipped when report.json was made from the same artifacts: it keeps describing the run
     that made them, byte for byte.

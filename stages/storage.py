@@ -9,6 +9,7 @@ spark-submit -- reads the store the same way without a secret on a command line.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
@@ -168,3 +169,33 @@ def list_files(url: str, pattern: str = "*") -> list[str]:
     """Files directly under ``url`` matching ``pattern``, as full URLs or paths, sorted."""
     fs, path = url_to_fs(url)
     return sorted(url_of(fs, p, like=url) for p in fs.glob(posixpath.join(path.rstrip("/"), pattern)))
+
+
+# A full device, or a user's disk quota used up: either way nothing more can be written there.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class DiskFullError(OSError):
+    """The device holding a stage's output has no space left."""
+
+
+@contextmanager
+def disk_full_reported(output: str) -> Iterator[None]:
+    """Within the block, a full disk raises :class:`DiskFullError` naming ``output``.
+
+    The bare ``[Errno 28] No space left on device`` comes from deep inside a tool's writer
+    and often names no file, or only a temporary one.
+    """
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as error:
+        if error.errno not in DISK_FULL_ERRNOS:
+            raise
+        writing = f" while writing {error.filename}" if error.filename else ""
+        raise DiskFullError(
+            error.errno,
+            f"the disk holding {output} is full ({error.strerror}){writing}; free space there, "
+            "or set output_root to another disk, and rerun: finished work is kept",
+        ) from error

@@ -44,17 +44,29 @@ class LoginRequired(Exception):
     """A page was asked for without a session: send the browser to the auth manager's login."""
 
 
-async def run_reader(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Any:
-    """The Airflow user of the request; it must be allowed to read laion_pipeline's runs."""
+def may_read_runs(user: Any) -> bool:
+    """Whether ``user`` may read laion_pipeline's runs, asked as Airflow's own API asks it.
+
+    The DAG's team (its bundle's) goes with the question, so an auth manager that keeps a
+    team's DAGs to that team's users is obeyed here too.
+    """
     from airflow.api_fastapi.app import get_auth_manager
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+    from airflow.models.dag import DagModel
+
+    details = DagDetails(id=DAG_ID, team_name=DagModel.get_team_name(DAG_ID))
+    return get_auth_manager().is_authorized_dag(method="GET", access_entity=DagAccessEntity.RUN, details=details, user=user)
+
+
+async def run_reader(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Any:
+    """The Airflow user of the request; it must be allowed to read laion_pipeline's runs."""
     from airflow.api_fastapi.core_api.security import get_user
+    from starlette.concurrency import run_in_threadpool
 
     user = await get_user(request, None, credentials)
-    allowed = get_auth_manager().is_authorized_dag(
-        method="GET", access_entity=DagAccessEntity.RUN, details=DagDetails(id=DAG_ID), user=user
-    )
-    if not allowed:
+    # The DAG's team is read from the database (Airflow caches it) and an auth manager may
+    # ask a remote service: off the event loop.
+    if not await run_in_threadpool(may_read_runs, user):
         raise HTTPException(403, f"user {user.get_name()!r} may not read the runs of {DAG_ID}")
     return user
 

@@ -6,6 +6,8 @@ from html import escape
 from typing import Any, Callable
 from urllib.parse import quote
 
+from stages.report import stage_shown
+
 BLUE, GREEN, RED, GREY = "#3b82f6", "#10b981", "#ef4444", "#e5e7eb"
 
 
@@ -94,7 +96,7 @@ def render_report(
     """The page for one run. ``report`` is report.json; ``samples`` (key, caption, url) fill the grid."""
     download, embeddings = report["download"], report["embeddings"]
     reported_run = str(report.get("run", {}).get("run_id", run_id))
-    stages = bar_chart([(s["name"], s["duration_s"], f'{s["duration_s"]:.1f} s') for s in report["stages"]], color=BLUE, chart_id="stage-durations")
+    stages = bar_chart([(s["name"], s["duration_s"] or 0, stage_shown(s)) for s in report["stages"]], color=BLUE, chart_id="stage-durations")
     errors = bar_chart([(k, v, f"{v:,}") for k, v in download["errors"].items()], color=RED, chart_id="failure-reasons", label_width=260)
     recall = bar_chart(
         [(name, i["recall_at_10"], f'{i["recall_at_10"]:.3f}') for name, i in report["index"].items()],
@@ -109,6 +111,11 @@ def render_report(
         f'<figcaption>{escape(s["caption"])}<br><a href="{escape(s["url"])}" rel="noopener noreferrer">{escape(s["key"])}</a></figcaption></figure>'
         for s in samples
     )
+    last = report["funnel"][-1]
+    # A run that did not finish still has its report (stages/report.py): say so first.
+    ended = "" if report.get("complete", True) else (
+        f'<p id="incomplete" class="error">The run did not finish: {escape(str(report.get("reason")))}</p>'
+    )
     note = "" if reported_run == run_id else (
         f'<p class="note">Run {escape(run_id)} wrote the same dataset as run {escape(reported_run)}, which rebuilt it last: this is that report.</p>'
     )
@@ -121,8 +128,8 @@ def render_report(
 <link rel="stylesheet" href="static/laion.css"></head><body>
 <header><h1>laion_pipeline run <span id="run-id">{escape(reported_run)}</span></h1>
 <nav>{back} · <a href="{escape(search_href)}">Search this run</a> · <a href="reports">All reports</a></nav></header>
-{note}
-<p class="lead">{report["funnel"][0]["count"]:,} raw rows became <b>{report["funnel"][-1]["count"]:,}</b> indexed images
+{ended}{note}
+<p class="lead">{report["funnel"][0]["count"]:,} raw rows became <b>{last["count"]:,}</b> {escape(last["step"])} images
 (download success rate <b id="success-rate">{100 * (download["success_rate"] or 0):.2f}%</b>),
 {escape(report["run"].get("output_root", ""))}.</p>
 <section><h2>Stage durations</h2>{stages}</section>

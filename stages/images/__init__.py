@@ -2,5 +2,6 @@
 
 parts (names, shard ids, a part folder's state), shards (adding up their stats), download
 (a part's download), retry (of failed samples), img2dataset_patches (what reaches into
-img2dataset), safe_fetch (the download guard).
+img2dataset), safe_fetch (the download guard), politeness (a pace per host shared by a
+download's workers, connections per host, backoff on 429/503).
 """

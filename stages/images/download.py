@@ -11,6 +11,7 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
+from stages import storage
 from stages.images.parts import RETRY_SHARD_BASE, SHARD_ID_DIGITS, claim_folder, first_shard_id, record_settings
 from stages.images.safe_fetch import FetchPolicy
 from stages.images.shards import summarize_shards
@@ -55,7 +56,8 @@ def download_part(part_url: str, output_folder: str, settings: DownloadSettings,
     img2dataset's incremental mode makes a rerun skip every shard whose stats file exists,
     so a cleared task redoes only unfinished shards. Shards made from another version of
     the dedup output (``dedup_version``) hold other rows: they are removed first, never
-    mixed in.
+    mixed in. A full disk raises :class:`~stages.storage.DiskFullError` naming
+    ``output_folder``; the shards finished before it are kept for the rerun.
     """
     started = time.monotonic()
     shards = math.ceil(_parquet_rows(part_url) / settings.number_sample_per_shard)
@@ -64,8 +66,9 @@ def download_part(part_url: str, output_folder: str, settings: DownloadSettings,
             f"dedup part {part_url} needs {shards} shards of {settings.number_sample_per_shard} samples; "
             f"a part holds at most {RETRY_SHARD_BASE}: raise number_sample_per_shard or dedup_partitions"
         )
-    claim_folder(output_folder, dedup_version)
-    record_settings(output_folder, {k: getattr(settings, k) for k in IMAGE_SETTINGS})
+    with storage.disk_full_reported(output_folder):
+        claim_folder(output_folder, dedup_version)
+        record_settings(output_folder, {k: getattr(settings, k) for k in IMAGE_SETTINGS})
     run_img2dataset(part_url, output_folder, settings, first_shard_id(part_url))
     numbers = summarize_shards(output_folder)
     numbers["seconds"] = round(time.monotonic() - started, 3)
@@ -76,7 +79,10 @@ def download_part(part_url: str, output_folder: str, settings: DownloadSettings,
 def run_img2dataset(
     url_list: str, output_folder: str, settings: DownloadSettings, first_shard: int, extra_columns: tuple[str, ...] = ()
 ) -> None:
-    """img2dataset over ``url_list`` through the download guard, shards numbered from ``first_shard``."""
+    """img2dataset over ``url_list`` through the download guard, shards numbered from ``first_shard``.
+
+    A full disk under ``output_folder`` raises :class:`~stages.storage.DiskFullError`.
+    """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI on import
     from img2dataset import download
 
@@ -84,7 +90,12 @@ def run_img2dataset(
 
     arguments = img2dataset_arguments(url_list, output_folder, settings)
     arguments["save_additional_columns"] = [*arguments["save_additional_columns"], *extra_columns]
-    with shards_numbered_from(first_shard), guarded_downloads(settings.fetch_policy, settings.start_method), spawn_without_main():
+    with (
+        storage.disk_full_reported(output_folder),
+        shards_numbered_from(first_shard),
+        guarded_downloads(settings.fetch_policy, settings.start_method),
+        spawn_without_main(),
+    ):
         download(**arguments)
 
 

@@ -6,25 +6,32 @@ not the whole response (a server trickling a byte a second holds a thread for ev
 follows redirects anywhere, reads bodies of any size and connects to any address, the
 cloud metadata service included. :func:`fetch_image` replaces that fetch; every refusal
 is returned as a stable reason code, which img2dataset records as the sample's
-``error_message`` and counts in its stats.
+``error_message`` and counts in its stats. How it spares the hosts it asks (a pace per
+host, backoff on 429/503) is :mod:`stages.images.politeness`.
+
+Two module attributes are where the guard meets the machine, and where tests meet the
+guard: :data:`resolve` (host names to addresses) and :data:`tls_context` (which
+certificates HTTPS trusts).
 """
 
 from __future__ import annotations
 
+import functools
 import http.client
 import io
 import ipaddress
 import socket
-import threading
+import ssl
 import time
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
-from typing import Iterable
+from typing import Callable, Iterable
 from urllib.parse import urljoin, urlsplit
 
+from stages.images import politeness
 from stages.settings import setting
 
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+DEFAULT_PORTS = {"http": 80, "https": 443}
 CHUNK = 64 * 1024
 REDIRECTS = (301, 302, 303, 307, 308)
 
@@ -51,11 +58,19 @@ class FetchPolicy:
         100_000_000, type="integer", minimum=1, description="Declared pixel count above which an image is a decompression bomb."
     )
     max_retry_after_seconds: float = setting(
-        10.0, type="number", minimum=0, maximum=600, description="Longest Retry-After (429/503) honoured."
-    )
+        10.0, type="number", minimum=0, maximum=600,
+        description="Longest wait before asking again after a 429/503: a longer Retry-After is not honoured; "
+        "without Retry-After, backoff waits grow up to it. 0: no backoff.",
+    )  # fmt: skip
     per_host_connections: int = setting(
         0, type="integer", minimum=0, description="Concurrent connections per host and worker process; 0: no cap."
     )
+    max_requests_per_second_per_host: float = setting(
+        10.0, env="LAION_MAX_REQUESTS_PER_SECOND_PER_HOST", type="number", minimum=0, maximum=100_000,
+        description="Requests per second to one host from a download task, all its workers and threads together "
+        "(concurrent tasks each have their own); 0: no limit. 10: about what one browser opening an image gallery "
+        "asks of a host, which a large host does not notice and a small one is not flooded by.",
+    )  # fmt: skip
     networks: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -100,14 +115,39 @@ def refusal_reason(address: str, allowed: tuple = ()) -> str | None:
     return None
 
 
-def guarded_connect(host: str, port: int, timeout: float, policy: FetchPolicy) -> socket.socket:
-    """Resolve ``host`` and connect to the first permitted address.
+def system_resolve(host: str, port: int) -> list[tuple]:
+    """The system resolver: ``socket.getaddrinfo`` for a TCP connection."""
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
 
-    The check runs on the addresses actually connected to, after resolution, so a name
-    that resolves to a private address (DNS rebinding included) is refused.
+
+# What the guard asks for a host's addresses, with getaddrinfo's contract: a list of
+# (family, type, proto, canonname, sockaddr), socket.gaierror when the name does not
+# resolve. Tests point it at a DNS server of their own; nothing else should change it.
+resolve: Callable[[str, int], list[tuple]] = system_resolve
+
+
+@functools.cache
+def system_tls_context() -> ssl.SSLContext:
+    """Certificates and host names checked against the system's trust store; one context
+    per process (http.client would load the store again for every connection)."""
+    context = ssl.create_default_context()
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+# The context HTTPS downloads are verified with; tests hand it a test CA.
+tls_context: Callable[[], ssl.SSLContext] = system_tls_context
+
+
+def guarded_connect(host: str, port: int, timeout: float, policy: FetchPolicy) -> socket.socket:
+    """Resolve ``host`` once and connect to the first permitted address.
+
+    The check runs on the addresses actually connected to, after resolution, and the
+    connection goes to the address checked (never to a second lookup), so a name that
+    resolves to a private address (DNS rebinding included) is refused.
     """
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = resolve(host, port)
     except socket.gaierror:
         raise FetchRefused("dns_error") from None
     last_error: OSError | None = None
@@ -139,31 +179,22 @@ class _GuardedHTTPS(http.client.HTTPSConnection):
 
     def connect(self) -> None:
         sock = guarded_connect(self.host, self.port, self.timeout, self.policy)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
-
-
-_host_slots: dict[str, threading.BoundedSemaphore] = {}
-_host_slots_lock = threading.Lock()
-
-
-def _host_slot(host: str, limit: int) -> threading.BoundedSemaphore | None:
-    """At most ``limit`` connections to one host at a time from this process (0: no cap)."""
-    if limit <= 0:
-        return None
-    with _host_slots_lock:
-        return _host_slots.setdefault(host, threading.BoundedSemaphore(limit))
-
-
-def _retry_after_seconds(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
         try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
+            # wrap_socket takes the socket over, and closes it when the handshake fails.
+            self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        except ssl.SSLCertVerificationError:
+            raise FetchRefused("certificate_error") from None
+        except ssl.SSLEOFError:  # a hang-up during the handshake: as transient as one before it
+            raise FetchRefused("connection_error") from None
+        except ssl.SSLError:  # no common protocol version, an alert, no TLS on that port
+            raise FetchRefused("tls_error") from None
+
+
+def user_agent(token: str | None) -> str:
+    """img2dataset's User-Agent: its token, when set, names the crawler to X-Robots-Tag."""
+    if not token:
+        return USER_AGENT
+    return f"{USER_AGENT} (compatible; {token}; +https://github.com/rom1504/img2dataset)"
 
 
 def is_disallowed(headers: http.client.HTTPMessage, directives: set[str], user_agent_token: str | None) -> bool:
@@ -186,33 +217,31 @@ def fetch_image(
 ) -> bytes:
     """The body of ``url``, checked to look like an image; raises :class:`FetchRefused`."""
     deadline = time.monotonic() + policy.max_download_seconds
+    first_request = True
     redirects = 0
-    waited_for_retry = False
+    busy = politeness.BusyAnswers(policy.max_retry_after_seconds)
     while True:
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise FetchRefused("unsupported_url")
+        port = _port(parts)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise FetchRefused("download_time_limit")
-        connection_class = _GuardedHTTPS if parts.scheme == "https" else _GuardedHTTP
-        conn = connection_class(parts.hostname, parts.port, timeout=min(timeout, remaining))
-        conn.policy = policy
-        slot = _host_slot(parts.hostname, policy.per_host_connections)
-        if slot is not None:
-            slot.acquire()
+        slot = politeness.connection_slots(parts.hostname, policy.per_host_connections)
+        # Waiting for a slot is part of the image's time, not a way around its limit.
+        if slot is not None and not slot.acquire(timeout=remaining):
+            raise FetchRefused("download_time_limit")
         try:
-            status, headers, body = _get(conn, parts, deadline, timeout, policy, disallowed_directives, user_agent_token)
-        except (socket.timeout, TimeoutError):
-            # The socket timeout is cut to what is left of the deadline: which one ran out?
-            late = time.monotonic() >= deadline - 0.05
-            raise FetchRefused("download_time_limit" if late else "read_timeout") from None
-        except (ConnectionError, http.client.HTTPException, OSError) as err:
-            if isinstance(err, FetchRefused):
-                raise
-            raise FetchRefused("connection_error") from None
+            # The host's turn, slot in hand so that requests leave at their turns. The first
+            # wait is the crawler's own pacing (at most its threads over the rate), not the
+            # server's doing: it moves the image's deadline. Later ones are counted in it.
+            rate = policy.max_requests_per_second_per_host
+            waited = politeness.wait_turn(parts.hostname, rate, None if first_request else deadline)
+            if waited is None:
+                raise FetchRefused("download_time_limit")
+            if first_request:
+                deadline, first_request = deadline + waited, False
+            status, headers, body = _get(parts, port, deadline, timeout, policy, disallowed_directives, user_agent_token)
         finally:
-            conn.close()
             if slot is not None:
                 slot.release()
         if status in REDIRECTS and headers.get("Location"):
@@ -221,10 +250,9 @@ def fetch_image(
                 raise FetchRefused("too_many_redirects")
             url = urljoin(url, headers["Location"])
             continue
-        if status in (429, 503) and not waited_for_retry:
-            delay = _retry_after_seconds(headers.get("Retry-After"))
-            if delay is not None and delay <= policy.max_retry_after_seconds and time.monotonic() + delay < deadline:
-                waited_for_retry = True
+        if status in (429, 503):
+            delay = busy.wait(headers.get("Retry-After"), deadline - time.monotonic())
+            if delay is not None:
                 time.sleep(delay)
                 continue
         if status != 200:
@@ -232,25 +260,61 @@ def fetch_image(
         return check_image_body(body, headers.get("Content-Type", ""), policy)
 
 
+def _port(parts) -> int:
+    """The port a URL's scheme and authority name; ``unsupported_url`` when there is none."""
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        raise FetchRefused("unsupported_url")
+    try:
+        parts.hostname.encode("idna")  # as the resolver and the Host header will need it
+        return parts.port or DEFAULT_PORTS[parts.scheme]
+    except ValueError:  # a port that is not a number or out of range; a label too long or empty
+        raise FetchRefused("unsupported_url") from None
+
+
 def _get(
-    conn: http.client.HTTPConnection,
     parts,
+    port: int,
     deadline: float,
     timeout: float,
     policy: FetchPolicy,
     disallowed_directives: set[str] | None,
     user_agent_token: str | None,
 ) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """One request on a connection of its own; every failure raised as its reason code."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise FetchRefused("download_time_limit")
+    # The port is passed explicitly: http.client would read "::1" as host ":" port 1.
+    if parts.scheme == "https":
+        conn = _GuardedHTTPS(parts.hostname, port, timeout=min(timeout, remaining), context=tls_context())
+    else:
+        conn = _GuardedHTTP(parts.hostname, port, timeout=min(timeout, remaining))
+    conn.policy = policy
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    conn.request("GET", path, headers={"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.5"})
-    sock = conn.sock  # getresponse() drops conn.sock when the server closes after the response
-    response = conn.getresponse()
-    if response.status != 200:
-        return response.status, response.headers, b""
-    if disallowed_directives and is_disallowed(response.headers, disallowed_directives, user_agent_token):
-        raise FetchRefused("robots_disallowed")
+    try:
+        conn.request("GET", path, headers={"User-Agent": user_agent(user_agent_token), "Accept": "image/*,*/*;q=0.5"})
+        sock = conn.sock  # getresponse() drops conn.sock when the server closes after the response
+        response = conn.getresponse()
+        if response.status != 200:
+            return response.status, response.headers, b""
+        if disallowed_directives and is_disallowed(response.headers, disallowed_directives, user_agent_token):
+            raise FetchRefused("robots_disallowed")
+        return response.status, response.headers, _read_body(response, sock, deadline, timeout, policy)
+    except (socket.timeout, TimeoutError):
+        # The socket timeout is cut to what is left of the deadline: which one ran out?
+        late = time.monotonic() >= deadline - 0.05
+        raise FetchRefused("download_time_limit" if late else "read_timeout") from None
+    except (ConnectionError, http.client.HTTPException, OSError):
+        raise FetchRefused("connection_error") from None
+    finally:
+        conn.close()
+
+
+def _read_body(
+    response: http.client.HTTPResponse, sock: socket.socket, deadline: float, timeout: float, policy: FetchPolicy
+) -> bytes:
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > policy.max_image_bytes:
         raise FetchRefused("body_too_large")
@@ -263,7 +327,7 @@ def _get(
         # read1: at most one socket read, so a trickling server cannot hold us past the deadline.
         chunk = response.read1(CHUNK)
         if not chunk:
-            return response.status, response.headers, body.getvalue()
+            return body.getvalue()
         body.write(chunk)
         if body.tell() > policy.max_image_bytes:
             raise FetchRefused("body_too_large")

@@ -12,6 +12,7 @@ from typing import Any
 
 from stages import storage
 from stages.embeddings import fingerprint, load_embeddings
+from stages.errors import NothingToDo
 from stages.layout import RunLayout
 from stages.settings import setting
 
@@ -95,11 +96,10 @@ def build_one(
     nb_cores: int | None,
 ) -> dict[str, Any]:
     """Build ``<local_folder>/<name>.index`` and its infos from one embeddings folder; its numbers."""
-    from autofaiss import build_index
-
     vectors = load_embeddings(embeddings)
     if len(vectors) == 0:
-        raise ValueError(f"no embeddings under {embeddings}: nothing to index")
+        raise NothingToDo(f"no embeddings under {embeddings}: nothing to index")
+    from autofaiss import build_index  # seconds of imports: only once there is something to index
     index_key = index_key or flat_key_within_budget(len(vectors), vectors.shape[1], max_index_memory_usage)
     os.makedirs(local_folder, exist_ok=True)
     index_path = os.path.join(local_folder, f"{name}.index")

@@ -1,4 +1,8 @@
-"""The DAG file parses fast, imports no heavy library, and is wired as documented."""
+"""The DAG file parses without work at parse time, imports no heavy library, and is wired as documented.
+
+How long parsing takes is measured by `make bench` (bench/orchestration.py, target 0.3 s),
+not asserted here.
+"""
 
 from __future__ import annotations
 
@@ -11,24 +15,32 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = ["torch", "pyspark", "faiss", "img2dataset", "clip_retrieval", "autofaiss", "open_clip"]
+# What makes a parse slow besides imports: reaching out at parse time. The scheduler parses
+# the file every few seconds, so none of these may happen then.
+WORK_EVENTS = [
+    "socket.connect", "socket.getaddrinfo", "sqlite3.connect",
+    "subprocess.Popen", "os.system", "os.fork", "os.exec", "os.posix_spawn",
+]  # fmt: skip
 
 PARSE_PROBE = """
-import json, sys, time
+import json, sqlite3, sys
 from airflow.dag_processing.dagbag import DagBag
-import airflow.sdk  # Airflow itself is imported before the clock starts
-started = time.perf_counter()
+import airflow.sdk  # Airflow itself is imported before watching starts
+watched, seen = set(json.loads(sys.argv[2])), []
+sys.addaudithook(lambda event, args: event in watched and seen.append(event))
 bag = DagBag(dag_folder=sys.argv[1])
-seconds = time.perf_counter() - started
-heavy = [m for m in sys.argv[2:] if m in sys.modules]
-print(json.dumps({"seconds": seconds, "errors": {k: str(v) for k, v in bag.import_errors.items()},
-                  "dags": sorted(bag.dag_ids), "heavy": heavy}))
+during_parse = list(seen)
+sqlite3.connect(":memory:").close()  # proves the hook sees what it watches
+heavy = [m for m in sys.argv[3:] if m in sys.modules]
+print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "dags": sorted(bag.dag_ids),
+                  "heavy": heavy, "events": during_parse, "canary": seen[len(during_parse):]}))
 """
 
 
 @pytest.fixture(scope="module")
 def probe() -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", PARSE_PROBE, str(REPO / "dags"), *HEAVY],
+        [sys.executable, "-c", PARSE_PROBE, str(REPO / "dags"), json.dumps(WORK_EVENTS), *HEAVY],
         check=True, capture_output=True, text=True, timeout=120,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -48,10 +60,14 @@ def dag(bag):
     return bag.get_dag("laion_pipeline")
 
 
-def test_parses_without_errors_in_under_a_second(probe: dict) -> None:
+def test_parses_without_errors(probe: dict) -> None:
     assert probe["errors"] == {}
     assert probe["dags"] == ["laion_pipeline", "laion_retry_failed"]
-    assert probe["seconds"] < 1.0, probe
+
+
+def test_parsing_connects_to_nothing_and_starts_no_process(probe: dict) -> None:
+    assert probe["canary"] == ["sqlite3.connect"]
+    assert probe["events"] == []
 
 
 def test_parsing_imports_no_heavy_library(probe: dict) -> None:

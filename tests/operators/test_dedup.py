@@ -1,11 +1,16 @@
 """DedupOperator: the trigger form's dedup params, the job's argv, settings from rendered
-params, and no submission when the output is already current."""
+params, no submission when the output is already current, and input the job rejects
+failing the task at once."""
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
-from operators.dedup import DEDUP_JOB, DedupOperator, dedup_job_args
+import pytest
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from operators.dedup import DEDUP_JOB, DedupOperator, dedup_job_args, rejection
 from operators.params import params_of, templates_of
 from stages.dedup.outputs import made_from
 from stages.dedup.settings import DedupSettings, RowPolicy
@@ -64,3 +69,43 @@ def test_a_current_output_is_not_submitted_again(tmp_path: Path) -> None:
         "input_fingerprint": made_from(listing, settings, seed=0)["input_fingerprint"], "partitions": 2, "seed": 0,
     }  # fmt: skip
     assert numbers["ended_at"] >= numbers["started_at"] and numbers["seconds"] >= 0
+
+
+def test_input_the_job_rejects_fails_at_once(tmp_path: Path) -> None:
+    """A real spark-submit (Spark local): the job rejects a gzipped file not named .gz; the
+    task fails without retries and says which file and why."""
+    layout = RunLayout(str(tmp_path))
+    Path(layout.raw).mkdir()
+    (Path(layout.raw) / "metadata.csv").write_bytes(gzip.compress(b"URL,TEXT\nhttp://x.org/a.jpg,a\n"))
+    operator = DedupOperator(task_id="dedup", output_root=str(tmp_path), settings={"dedup_partitions": 1}, conn_id="spark_default")
+    with pytest.raises(AirflowFailException, match=r"dedup rejected its input: input file .*raw/metadata.csv is gzip-compressed"):
+        operator.execute(context={})
+    assert layout.dedup_marker.read() is None
+
+
+def test_no_raw_file_fails_at_once_before_any_submission(tmp_path: Path) -> None:
+    """No such connection: a submission would fail otherwise."""
+    Path(RunLayout(str(tmp_path)).raw).mkdir()
+    operator = DedupOperator(task_id="dedup", output_root=str(tmp_path), conn_id="no_spark_here")
+    with pytest.raises(AirflowFailException, match=r"dedup rejected its input: input folder .*raw holds no data files"):
+        operator.execute(context={})
+
+
+def test_any_other_spark_failure_is_left_to_the_retries(tmp_path: Path) -> None:
+    """spark-submit of an application that is not there: Python exits 2 as the job does on
+    bad input, but without the job's line it is no verdict on the input."""
+    Path(RunLayout(str(tmp_path)).raw).mkdir()
+    (Path(RunLayout(str(tmp_path)).raw) / "a.csv").write_text("URL,TEXT\nhttp://x.org/a.jpg,a\n")
+    operator = DedupOperator(
+        task_id="dedup", output_root=str(tmp_path), conn_id="spark_default", application=str(tmp_path / "no_such_job.py")
+    )
+    with pytest.raises(AirflowException, match="Cannot execute") as failed:
+        operator.execute(context={})
+    assert not isinstance(failed.value, AirflowFailException) and operator.submit_exit_status() == 2
+
+
+def test_the_rejection_is_the_jobs_own_line() -> None:
+    tail = "Cannot execute: spark-submit ... Error code is: 2.\nLast spark-submit output:\n" \
+        "26/01/01 ERROR stages.dedup.job: Dedup failed: input folder /r/raw holds no data files\nshutdown hook"
+    assert rejection(tail) == "input folder /r/raw holds no data files"
+    assert rejection("Cannot execute: spark-submit ... Error code is: 2.\npython: can't open file") is None

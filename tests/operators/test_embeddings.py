@@ -1,8 +1,13 @@
-"""ClipEmbeddingsOperator: the trigger form's names, settings from rendered params, the run's shards."""
+"""ClipEmbeddingsOperator: the trigger form's names, settings from rendered params, the run's
+shards, and a run with no downloaded image failing at once."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import pytest
+from airflow.sdk.exceptions import AirflowFailException
 
 from operators.embeddings import ClipEmbeddingsOperator
 from operators.params import params_of, templates_of
@@ -37,3 +42,20 @@ def test_embeds_the_finished_shards_of_the_current_parts(tmp_path: Path) -> None
     operator = ClipEmbeddingsOperator(task_id="clip_embeddings", output_root=str(tmp_path), settings={"clip_model": "m"})
     numbers = operator.execute(context={})
     assert numbers["skipped"] is True and numbers["count"] == 3 and numbers["seconds"] >= 0
+
+
+def test_a_run_whose_downloads_all_failed_has_nothing_to_embed(tmp_path: Path) -> None:
+    """The task fails at once, saying how many samples were tried and why they failed."""
+    layout = RunLayout(str(tmp_path))
+    layout.dedup_marker.mark_done({"input_fingerprint": "d", "partitions": 2}, {"parts": ["part-00000.parquet", "part-00001.parquet"]})
+    for index, part in enumerate(("part-00000", "part-00001")):
+        images = Path(layout.part_images(part))
+        images.mkdir(parents=True)
+        (images / f"000000000{index}.tar").write_bytes(b"")
+        stats = {"count": 3, "successes": 0, "failed_to_download": 3, "status_dict": {"refused_private_address": 2, "dns_error": 1}}
+        (images / f"000000000{index}_stats.json").write_text(json.dumps(stats))
+
+    operator = ClipEmbeddingsOperator(task_id="clip_embeddings", output_root=str(tmp_path), settings={"clip_model": "m"})
+    with pytest.raises(AirflowFailException, match="nothing to embed: 0 of 6 downloaded: refused_private_address 4, dns_error 2 "):
+        operator.execute(context={})
+    assert not Path(layout.embeddings).exists()

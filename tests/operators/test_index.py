@@ -1,4 +1,5 @@
-"""BuildIndexOperator: settings from rendered params; a pair of indexes and the search files, once."""
+"""BuildIndexOperator: settings from rendered params; a pair of indexes and the search files,
+once; no embeddings fails at once."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
+from airflow.sdk.exceptions import AirflowFailException
 
 from operators.index import BuildIndexOperator
 from operators.params import params_of
@@ -48,3 +51,13 @@ def test_builds_the_indexes_and_the_search_files_once(tmp_path: Path) -> None:
     assert numbers["search"]["metadata_files_written"] == 1 and Path(layout.index, "metadata", "metadata_00000.parquet").exists()
     again = operator.execute(context={})
     assert again["skipped"] is True and again["search"]["skipped"] is True
+
+
+def test_no_embeddings_is_nothing_to_index(tmp_path: Path) -> None:
+    """Fails at once (no retries): indexing the same empty folder again fails the same way."""
+    layout = RunLayout(str(tmp_path))
+    Path(layout.embedding_files("img_emb")).mkdir(parents=True)
+    operator = BuildIndexOperator(task_id="build_index", output_root=str(tmp_path), settings={})
+    with pytest.raises(AirflowFailException, match=r"no embeddings under .*img_emb: nothing to index"):
+        operator.execute(context={})
+    assert not layout.has_index()

@@ -50,7 +50,7 @@ def test_retry_recovers_transient_failures_and_the_next_run_adds_only_them(
         first = report_of(output)
         embeddings_before = checksums(output / "embeddings" / "img_emb")
 
-        run({k: conf[k] for k in ("output_root", "allowed_networks", "timeout", "max_retry_after_seconds")}, "laion_retry_failed")
+        run({k: conf[k] for k in ("output_root", "allowed_networks", "max_requests_per_second_per_host", "timeout", "max_retry_after_seconds")}, "laion_retry_failed")
         asked = dict(server.requests_by_url)
         run(conf)
         second = report_of(output)

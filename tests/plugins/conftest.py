@@ -34,13 +34,19 @@ from sampleweb.build import build_sample_web  # noqa: E402
 from sampleweb.demo_model import ensure_demo_weights  # noqa: E402
 from sampleweb.serve import SampleWebServer  # noqa: E402
 
-USERS = {"admin": "admin-pw-laion", "viewer": "viewer-pw-laion"}
+# Every SimpleAuthManager role; "nobody" has none, so may read no DAG at all.
+ROLES = {"admin": "admin", "viewer": "viewer", "user": "user", "op": "op", "nobody": ""}
+# Users of teams (role:team), configured only by the test that turns multi-team mode on:
+# Airflow refuses a user with a team outside it.
+TEAM_USERS = {"member": "viewer:laion", "outsider": "viewer:other"}
+USERS = {name: f"{name}-pw-laion" for name in (*ROLES, *TEAM_USERS)}
+USERS_CONFIG = ",".join(f"{name}:{role}" for name, role in ROLES.items())
 PASSWORDS_FILE = Path(os.environ["AIRFLOW_HOME"]) / "test_passwords.json"
 PASSWORDS_FILE.write_text(json.dumps(USERS))
 os.environ.update(
     {
         "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": USERS_CONFIG,
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(PASSWORDS_FILE),
         # Only an Asset event (or a restart) makes the service look at an index again.
@@ -83,6 +89,12 @@ def airflow_client(search_run: dict[str, Any]) -> Any:
 @pytest.fixture(scope="session")
 def passwords() -> dict[str, str]:
     return dict(USERS)
+
+
+@pytest.fixture(scope="session")
+def team_users() -> dict[str, str]:
+    """Users of teams, ``{name: "role:team"}``, for a test that turns multi-team mode on."""
+    return dict(TEAM_USERS)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -30,6 +31,14 @@ def stats_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*_stats.json"))
 
 
+def wait_until(happened: Callable[[], bool], what: str, worker: subprocess.Popen, deadline_s: float = 120) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not happened():
+        assert worker.poll() is None, f"the download ended (exit {worker.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {deadline_s} s"
+        time.sleep(0.05)
+
+
 def test_a_killed_download_redoes_only_its_unfinished_shard(tmp_path: Path) -> None:
     with HostileServer(trickle_seconds=120) as server:
         urls = [server.url(f"/good.jpg?n={i}") for i in range(20)] + [server.url("/trickle.jpg")]
@@ -43,12 +52,16 @@ def test_a_killed_download_redoes_only_its_unfinished_shard(tmp_path: Path) -> N
         worker = subprocess.Popen(
             [sys.executable, "-c", DOWNLOAD, str(part), str(images), "120"], env=env, start_new_session=True
         )
-        deadline = time.monotonic() + 120
-        while len(stats_files(images)) < 2 and time.monotonic() < deadline:  # shards 0 and 1 done, 2 hangs
-            time.sleep(0.2)
-        time.sleep(1.0)
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
+        try:
+            # Shards 0 and 1 are done; shard 2 is written in _partial/ and hangs on the trickle.
+            wait_until(
+                lambda: len(stats_files(images)) == 2 and server.requests["/trickle.jpg"] == 1
+                and any((images / "_partial").glob("0000000002.*")),
+                "shard 2 started and hanging on /trickle.jpg", worker,
+            )  # fmt: skip
+        finally:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
         assert stats_files(images) == ["0000000000_stats.json", "0000000001_stats.json"]
         # Nothing half-written under a final name: every tar has its stats, partial ones sit in _partial/.
         assert sorted(p.stem for p in images.glob("*.tar")) == ["0000000000", "0000000001"]

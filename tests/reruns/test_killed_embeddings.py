@@ -11,10 +11,12 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 EMBED = """
@@ -56,31 +58,46 @@ def vectors_by_key(folder: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def embed(tars: list[str], output: Path, model: str, **kwargs) -> subprocess.Popen:
-    """Embed ``tars`` into ``output``, the embeddings folder of the run ``output.parent``."""
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    return subprocess.Popen([sys.executable, "-c", EMBED, json.dumps(tars), str(output.parent), model], env=env, **kwargs)
+def wait_until(happened: Callable[[], bool], what: str, worker: subprocess.Popen, deadline_s: float = 240) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not happened():
+        assert worker.poll() is None, f"the embedding run ended (exit {worker.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {deadline_s} s"
+        time.sleep(0.05)
 
 
+def embed_command(tars: list[str], output: Path, model: str) -> list[str]:
+    """The command that embeds ``tars`` into ``output``, the embeddings folder of the run ``output.parent``."""
+    return [sys.executable, "-c", EMBED, json.dumps(tars), str(output.parent), model]
+
+
+ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+
+
+# Above the deadlines of its waits (240 + 600 + 600 s), so that those report first.
+@pytest.mark.timeout(1800)
 def test_a_killed_embedding_run_resumes_at_partition_granularity(tmp_path: Path, demo_clip_model: str) -> None:
     tars = write_tars(tmp_path / "tars")
     killed = tmp_path / "killed" / "embeddings"
-    worker = embed(tars, killed, demo_clip_model, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while not (killed / "_done" / "0").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.5)
-    os.killpg(worker.pid, signal.SIGKILL)
-    worker.wait()
+    worker = subprocess.Popen(embed_command(tars, killed, demo_clip_model), env=ENV, start_new_session=True)
+    try:
+        # Partition 0 is done and clip-retrieval has opened partition 1's output folders.
+        wait_until(
+            lambda: (killed / "_done" / "0").exists() and (killed / "_partial" / "1" / "img_emb").exists(),
+            "partition 1 under way", worker,
+        )  # fmt: skip
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
     done_before = {p.name for p in (killed / "_done").iterdir()}
     assert "0" in done_before and len(done_before) < 4
     kept = (killed / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns
-    assert embed(tars, killed, demo_clip_model).wait(timeout=600) == 0
+    subprocess.run(embed_command(tars, killed, demo_clip_model), env=ENV, check=True, timeout=600)
     assert (killed / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns == kept  # partition 0 not redone
     assert not (killed / "_partial").exists() or not list((killed / "_partial").iterdir())
 
     clean = tmp_path / "clean" / "embeddings"
-    assert embed(tars, clean, demo_clip_model).wait(timeout=600) == 0
+    subprocess.run(embed_command(tars, clean, demo_clip_model), env=ENV, check=True, timeout=600)
     resumed, fresh = vectors_by_key(killed), vectors_by_key(clean)
     assert len(resumed) == 32 and resumed.keys() == fresh.keys()
     for key in fresh:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
 TEST_OUTPUT = REPO / "test-output"
+# Each test here waits for whole runs through the scheduler, with retries (about two minutes
+# each on a loaded 2-core machine); the first one also starts the services (under one). Above
+# the sum of a test's own deadlines (at most 30 minutes), so that those report first.
+TIMEOUT_S = 2400
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests of this folder get TIMEOUT_S unless they set their own (the hook sees every item)."""
+    here = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(here) and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TIMEOUT_S))
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -96,6 +108,17 @@ class AirflowServices:
             "SELECT task_id, map_index, state, try_number FROM task_instance WHERE dag_id = ? AND run_id = ?", dag_id, run_id
         )
         return {f"{t}[{m}]" if m >= 0 else t: (s, n) for t, m, s, n in rows}
+
+    def wait_until(self, happened: Callable[[], Any], what: str, timeout: float, run_id: str) -> Any:
+        """Poll ``happened`` until it returns something true, and return that; fails on a dead
+        Airflow process, or at ``timeout`` with the task states of ``run_id``."""
+        deadline = time.monotonic() + timeout
+        while not (found := happened()):
+            dead = [p.args for p in self.processes if p.poll() is not None]
+            assert not dead, f"Airflow processes exited: {dead}; see {TEST_OUTPUT}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s: {self.task_tries('laion_pipeline', run_id)}"
+            time.sleep(0.2)
+        return found
 
     def wait_for_runs(self, dag_id: str, count: int, timeout: float, run_type: str | None = None) -> list[dict[str, Any]]:
         """Wait until ``count`` runs of ``dag_id`` (of ``run_type``, if given) have succeeded;

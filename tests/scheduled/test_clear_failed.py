@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sampleweb.hostile import HostileServer
+from stages.layout import RunLayout
 
 pytestmark = pytest.mark.heavy
 
@@ -33,12 +33,11 @@ def test_clearing_a_failed_part_downloads_only_that_part(
             "--conf", json.dumps(conf),
         )  # fmt: skip
         assert trigger.returncode == 0, trigger.stderr[-2000:]
-        # Take part-00001 away as soon as dedup wrote it: its download task fails every try.
-        part = output / "dedup" / "part-00001.parquet"
-        deadline = time.monotonic() + 600
-        while services.task_tries("laion_pipeline", RUN_ID).get("dedup", ("", 0))[0] != "success":
-            assert time.monotonic() < deadline, services.task_tries("laion_pipeline", RUN_ID)
-            time.sleep(0.2)
+        # Take part-00001 away as soon as dedup published it (its marker is written last), before
+        # any download task starts: that part's download task fails every try.
+        layout = RunLayout(str(output))
+        part = Path(layout.part("part-00001"))
+        services.wait_until(lambda: layout.dedup_marker.read() is not None, "dedup output published", 600, RUN_ID)
         shutil.move(part, tmp_path / "aside.parquet")
         services.wait_for_run(RUN_ID, "failed", timeout=600)
         failed = services.task_tries("laion_pipeline", RUN_ID)
@@ -50,7 +49,7 @@ def test_clearing_a_failed_part_downloads_only_that_part(
             "-s", "2020-01-06", "-e", "2020-01-06",
         )  # fmt: skip
         assert cleared.returncode == 0, cleared.stderr[-2000:]
-        services.wait_for_run(RUN_ID, "success", timeout=900)
+        services.wait_for_run(RUN_ID, "success", timeout=600)
         after = services.task_tries("laion_pipeline", RUN_ID)
         requests_after = dict(server.requests_by_url)
 

@@ -1,4 +1,5 @@
-"""The report: assembled from a run's markers and shards, rendered, written once per set of artifacts."""
+"""The report: assembled from a run's markers and shards, rendered, written once per set of
+artifacts; a run whose later stages did not finish is reported as far as it got."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from stages.errors import NothingToDo
 from stages.layout import RunLayout
-from stages.report import build_report, render_html, stage_durations, write_report
+from stages.report import build_report, downloads_line, render_html, summarize_stages, write_report
 
 INDEXED = {"index_key": "Flat", "ntotal": 7, "size_bytes": 100, "recall_at_10": 1.0, "build_seconds": 0.1}
 
@@ -41,8 +43,61 @@ def test_the_report_counts_the_current_artifacts(run: RunLayout) -> None:
     ]  # fmt: skip
     assert report["download"]["success_rate"] == 0.7 and report["download"]["errors"] == {"HTTP Error 404": 3}
     assert [s["shard"] for s in report["download"]["shards"]] == ["part-00000/0000000000"]
-    assert report["stages"] == [{"name": "dedup", "duration_s": 2.0, "tasks": 1}]
+    assert report["stages"] == [{"name": "dedup", "state": "success", "duration_s": 2.0, "tasks": 1}]
     assert report["embeddings"]["clip_model"] == "m" and report["index"]["text"] == INDEXED
+    assert report["complete"] is True and report["reason"] is None
+    assert report["download"]["summary"] == "7 of 10 downloaded: HTTP Error 404 3"
+
+
+def test_a_run_that_stopped_after_its_downloads_is_reported_as_far_as_it_got(run: RunLayout) -> None:
+    """clip_embeddings failed in this run: the embeddings and indexes on storage are an earlier run's."""
+    outcomes = {
+        "dedup": {"state": "success", "reason": None},
+        "download_images": {"state": "success", "reason": None},
+        "clip_embeddings": {"state": "failed", "reason": "OSError: CUDA out of memory"},
+        "build_index": {"state": "upstream_failed", "reason": None},
+    }
+    report = build_report(run, {"download_images": [{"started_at": 1.0, "ended_at": 4.0}]}, {"run_id": "r2"}, outcomes)
+    assert report["complete"] is False and report["reason"] == "clip_embeddings failed: OSError: CUDA out of memory"
+    assert report["stages"] == [
+        {"name": "dedup", "state": "success", "duration_s": None, "tasks": 0},
+        {"name": "download_images", "state": "success", "duration_s": 3.0, "tasks": 1},
+        {"name": "clip_embeddings", "state": "failed", "duration_s": None, "tasks": 0, "reason": "OSError: CUDA out of memory"},
+        {"name": "build_index", "state": "upstream_failed", "duration_s": None, "tasks": 0},
+    ]
+    assert [(f["step"], f["count"]) for f in report["funnel"]] == [("raw rows", 12), ("valid", 10), ("unique", 10), ("downloaded", 7)]
+    assert report["download"]["successes"] == 7 and report["index"] == {}
+    assert report["embeddings"] == {"count": None, "dim": None, "device": None, "clip_model": None, "samples_per_second": None}
+    page = render_html(report)
+    assert "The run did not finish: clip_embeddings failed: OSError: CUDA out of memory" in page
+    assert "none: clip_embeddings did not finish" in page and "upstream_failed" in page
+
+    # The same artifacts, now with every stage finished: another report, not the partial one kept.
+    write_report(run, report)
+    finished = {stage: {"state": "success", "reason": None} for stage in outcomes}
+    assert "skipped" not in write_report(run, build_report(run, {}, {"run_id": "r3"}, finished))
+
+
+def test_no_report_before_dedup_finished(run: RunLayout) -> None:
+    outcomes = {"fetch_metadata": {"state": "failed", "reason": "FileNotFoundError: metadata source 'x' matches no file"},
+                "dedup": {"state": "upstream_failed", "reason": None}}  # fmt: skip
+    with pytest.raises(NothingToDo, match=r"no report for .*/run: fetch_metadata failed: FileNotFoundError: metadata source 'x'"):
+        build_report(run, {}, {}, outcomes)
+
+
+@pytest.mark.parametrize(
+    ("errors", "line"),
+    [
+        ({}, "3 of 3 downloaded"),
+        ({"refused_private_address": 3}, "3 of 3 downloaded: refused_private_address 3"),
+        (
+            {f"reason_{i}": i for i in range(1, 8)},
+            "3 of 3 downloaded: reason_7 7, reason_6 6, reason_5 5, reason_4 4, reason_3 3 and 2 more reasons",
+        ),
+    ],
+)
+def test_downloads_in_one_line(errors: dict[str, int], line: str) -> None:
+    assert downloads_line({"successes": 3, "count": 3, "errors": errors}) == line
 
 
 def test_a_report_of_the_same_artifacts_is_written_once(run: RunLayout) -> None:
@@ -66,9 +121,9 @@ def test_mapped_stage_duration_is_its_span_not_the_sum() -> None:
         "dedup": [{"started_at": 100.0, "ended_at": 110.0}],
         "download_images": [{"started_at": 110.0, "ended_at": 130.0}, {"started_at": 112.0, "ended_at": 125.0}],
     }
-    assert stage_durations(numbers) == [
-        {"name": "dedup", "duration_s": 10.0, "tasks": 1},
-        {"name": "download_images", "duration_s": 20.0, "tasks": 2},
+    assert summarize_stages(numbers) == [
+        {"name": "dedup", "state": "success", "duration_s": 10.0, "tasks": 1},
+        {"name": "download_images", "state": "success", "duration_s": 20.0, "tasks": 2},
     ]
 
 
