@@ -1,7 +1,8 @@
 """A hostile image server on 127.0.0.1: one endpoint for each way a server can misbehave.
 
 Used by the safety tests. Runs in a background thread of the calling process and keeps a
-log of every request it answered, so a test can prove which URLs were (never) requested.
+log of every request it answered, so a test can prove which URLs were (never) requested,
+and of every answer the client cut off, so a test can prove that a client hung up.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
 class HostileServer:
     """``with HostileServer() as s: s.url("/trickle.jpg")``.
 
-    ``s.requests`` counts requests by path, ``s.requests_by_url`` by path and query.
+    ``s.requests`` counts requests by path, ``s.requests_by_url`` by path and query,
+    ``s.hung_up`` the answers by path that the client cut off before their end.
     """
 
     def __init__(
@@ -49,9 +51,12 @@ class HostileServer:
         self.oversized_bytes = oversized_bytes
         self.requests: Counter[str] = Counter()
         self.requests_by_url: Counter[str] = Counter()
+        self.hung_up: Counter[str] = Counter()
         self.redirect_target = ""
         self.good = jpeg_bytes()
+        self.busy_until = 0.0  # /busy.jpg answers 429 until then (time.monotonic())
         self._lock = threading.Lock()
+        self._hung_up_changed = threading.Condition(self._lock)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -70,6 +75,16 @@ class HostileServer:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def wait_for_hang_up(self, path: str, *, more_than: int = 0, timeout: float = 60.0) -> bool:
+        """Whether the client cuts off more than ``more_than`` answers on ``path`` within ``timeout`` s."""
+        with self._hung_up_changed:
+            return self._hung_up_changed.wait_for(lambda: self.hung_up[path] > more_than, timeout)
+
+    def _hang_up(self, path: str) -> None:
+        with self._hung_up_changed:
+            self.hung_up[path] += 1
+            self._hung_up_changed.notify_all()
 
     def _count(self, path: str, full: str) -> int:
         with self._lock:
@@ -96,7 +111,7 @@ class HostileServer:
                     else:
                         route(self, seen)
                 except (BrokenPipeError, ConnectionResetError):
-                    pass
+                    server._hang_up(path)
 
             def reply(self, status: int, body: bytes, content_type: str = "image/jpeg", headers: dict | None = None) -> None:
                 self.send_response(status)
@@ -155,7 +170,10 @@ class HostileServer:
                 self.reply(302, b"", "text/plain", {"Location": "http://169.254.169.254/latest/meta-data/"})
 
             def busy(self, seen: int) -> None:
+                # As a real rate limiter: a retry sooner than Retry-After is refused again.
                 if seen == 1:
+                    server.busy_until = time.monotonic() + 1
+                if seen == 1 or time.monotonic() < server.busy_until:
                     self.reply(429, b"slow down", "text/plain", {"Retry-After": "1"})
                 else:
                     self.reply(200, server.good)
@@ -208,6 +226,9 @@ class HostileServer:
         }
         return Handler
 
+
+# Answers that do not end within any bound of the guard: a client must hang up on them.
+UNENDING = ("/trickle.jpg", "/endless.jpg")
 
 # What each endpoint must come to, through the pipeline's download stage.
 EXPECTED_REASONS = {

@@ -8,6 +8,17 @@ import pytest
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
+# A heavy or cluster test runs a whole pipeline or topology, and the first one of a session
+# also pays for its shared fixtures: it gets this limit unless it sets its own.
+LONG_TIMEOUT_S = 1800
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        long = item.get_closest_marker("heavy") or item.get_closest_marker("cluster")
+        if long and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(LONG_TIMEOUT_S))
+
 
 # --- spark: one local SparkSession per test module, bound to loopback ---------------------
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 BUILD = """
 import sys
@@ -36,6 +37,7 @@ def wait_for(found, what: str, worker: subprocess.Popen, deadline_s: float = 600
     raise AssertionError(f"no {what} within {deadline_s} s")
 
 
+@pytest.mark.timeout(1800)  # a build to its event (600 s at most), then a whole rebuild (900 s)
 def test_a_killed_index_build_leaves_nothing_and_rebuilds(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     embeddings = tmp_path / "embeddings"

@@ -37,7 +37,7 @@ def test_opq_pq_index_builds_and_is_measured(run: RunLayout) -> None:
     for name in ("image", "text"):
         assert result[name]["index_key"] == "OPQ16_64,IVF16,PQ16x4"
         assert result[name]["ntotal"] == 3000
-        assert 0.3 < result[name]["recall_at_10"] <= 1.0
+        assert result[name]["recall_at_10"] > 0.3
         assert Path(run.index, f"{name}.index").stat().st_size == result[name]["size_bytes"]
 
 
