@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,15 +30,7 @@ def stats_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*_stats.json"))
 
 
-def wait_until(happened: Callable[[], bool], what: str, worker: subprocess.Popen, deadline_s: float = 120) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not happened():
-        assert worker.poll() is None, f"the download ended (exit {worker.returncode}) before {what}"
-        assert time.monotonic() < deadline, f"no {what} within {deadline_s} s"
-        time.sleep(0.05)
-
-
-def test_a_killed_download_redoes_only_its_unfinished_shard(tmp_path: Path) -> None:
+def test_a_killed_download_redoes_only_its_unfinished_shard(tmp_path: Path, wait_until: Callable[..., None]) -> None:
     with HostileServer(trickle_seconds=120) as server:
         urls = [server.url(f"/good.jpg?n={i}") for i in range(20)] + [server.url("/trickle.jpg")]
         urls += [server.url(f"/good.jpg?n={i}") for i in range(20, 29)]

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,14 +57,6 @@ def vectors_by_key(folder: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def wait_until(happened: Callable[[], bool], what: str, worker: subprocess.Popen, deadline_s: float = 240) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not happened():
-        assert worker.poll() is None, f"the embedding run ended (exit {worker.returncode}) before {what}"
-        assert time.monotonic() < deadline, f"no {what} within {deadline_s} s"
-        time.sleep(0.05)
-
-
 def embed_command(tars: list[str], output: Path, model: str) -> list[str]:
     """The command that embeds ``tars`` into ``output``, the embeddings folder of the run ``output.parent``."""
     return [sys.executable, "-c", EMBED, json.dumps(tars), str(output.parent), model]
@@ -76,7 +67,7 @@ ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
 
 # Above the deadlines of its waits (240 + 600 + 600 s), so that those report first.
 @pytest.mark.timeout(1800)
-def test_a_killed_embedding_run_resumes_at_partition_granularity(tmp_path: Path, demo_clip_model: str) -> None:
+def test_a_killed_embedding_run_resumes_at_partition_granularity(tmp_path: Path, demo_clip_model: str, wait_until: Callable[..., None]) -> None:
     tars = write_tars(tmp_path / "tars")
     killed = tmp_path / "killed" / "embeddings"
     worker = subprocess.Popen(embed_command(tars, killed, demo_clip_model), env=ENV, start_new_session=True)

@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,19 +26,8 @@ build_indexes(RunLayout(sys.argv[1]), IndexSettings(index_key="OPQ32_128,IVF64,P
 """
 
 
-def wait_for(found, what: str, worker: subprocess.Popen, deadline_s: float = 600) -> Path:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        hit = found()
-        if hit is not None:
-            return hit
-        assert worker.poll() is None, f"the build ended (exit {worker.returncode}) before {what}"
-        time.sleep(0.05)
-    raise AssertionError(f"no {what} within {deadline_s} s")
-
-
 @pytest.mark.timeout(1800)  # a build to its event (600 s at most), then a whole rebuild (900 s)
-def test_a_killed_index_build_leaves_nothing_and_rebuilds(tmp_path: Path) -> None:
+def test_a_killed_index_build_leaves_nothing_and_rebuilds(tmp_path: Path, wait_until: Callable[..., None]) -> None:
     rng = np.random.default_rng(0)
     embeddings = tmp_path / "embeddings"
     for sub in ("img_emb", "text_emb"):
@@ -53,7 +42,7 @@ def test_a_killed_index_build_leaves_nothing_and_rebuilds(tmp_path: Path) -> Non
     worker = subprocess.Popen([sys.executable, "-c", BUILD, str(tmp_path)], start_new_session=True, env=env)
     try:
         # The image index is complete in the staging folder; the text index is being built.
-        wait_for(lambda: next(iter(scratch.glob("laion-index-*/image_infos.json")), None), "a built image index", worker)
+        wait_until(lambda: any(scratch.glob("laion-index-*/image_infos.json")), "a built image index", worker)
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 
 from progress import (  # noqa: E402
-    DownloadProgress, EmbeddingsProgress, done_line, output_to, progress_of, tail, task_label,
+    DownloadProgress, EmbeddingsProgress, done_line, progress_of, tail, task_label,
 )  # fmt: skip
 
 
