@@ -12,6 +12,7 @@ from typing import Any
 from fsspec.core import url_to_fs
 
 from stages import storage
+from stages.errors import InputError
 from stages.images.parts import RETRY_SHARD_BASE, SHARD_ID_DIGITS, claim_folder, first_shard_id, record_settings
 from stages.images.safe_fetch import FetchPolicy
 from stages.images.shards import summarize_shards
@@ -62,7 +63,7 @@ def download_part(part_url: str, output_folder: str, settings: DownloadSettings,
     started = time.monotonic()
     shards = math.ceil(_parquet_rows(part_url) / settings.number_sample_per_shard)
     if shards > RETRY_SHARD_BASE:
-        raise ValueError(
+        raise InputError(
             f"dedup part {part_url} needs {shards} shards of {settings.number_sample_per_shard} samples; "
             f"a part holds at most {RETRY_SHARD_BASE}: raise number_sample_per_shard or dedup_partitions"
         )
