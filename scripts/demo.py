@@ -49,16 +49,18 @@ def demo_conf(web: Path, output: Path, clip_model: str) -> dict:
 def print_summary(output: Path, clip_model: str, out: TextIO | None = None) -> None:
     from laion_search.encoder import ClipEncoder
     from laion_search.reader import RunIndex
+    from stages.layout import RunLayout
 
     out = out or sys.stdout
-    report = json.loads((output / "report" / "report.json").read_text())
+    layout = RunLayout(str(output))
+    report = json.loads(Path(layout.report_json).read_text())
     d = report["download"]
     lines = [
         "stages (s): " + ", ".join(f"{s['name']} {s['duration_s']:.1f}" for s in report["stages"]),
         "funnel: " + ", ".join(f"{f['step']} {f['count']}" for f in report["funnel"]),
         f"download: {d['successes']} ok, {d['failed_to_download']} failed to download, {d['failed_to_resize']} failed to resize",
         *(f"{name} index: {i['index_key']}, {i['ntotal']} vectors, recall@10 {i['recall_at_10']}" for name, i in report["index"].items()),
-        f"report: {output / 'report' / 'report.html'}",
+        f"report: {layout.report_html}",
     ]
     query = "a photo of a cat"
     hits = RunIndex(str(output)).search_vector(ClipEncoder(clip_model).encode_text(query), k=3)

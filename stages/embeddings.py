@@ -309,21 +309,48 @@ def stats_in_process() -> Iterator[None]:
         worker_module.LoggerWriter = original
 
 
-def count_embeddings(folder: str) -> tuple[int, int]:
-    """(rows, dim) over every .npy in ``folder``, reading only the npy headers."""
-    import numpy as np
+@dataclass(frozen=True)
+class NpyFile:
+    """Where the rows of one 2-D, C-ordered ``.npy`` start, and their shape and type."""
 
+    path: str  # as its filesystem names it (no protocol)
+    data_offset: int
+    rows: int
+    dim: int
+    dtype: Any
+
+
+def read_npy_header(f: Any, name: str) -> NpyFile:
+    """The header of the ``.npy`` open in ``f``, read with numpy's public format API only."""
+    from numpy.lib import format as npy
+
+    version = npy.read_magic(f)
+    if version == (1, 0):
+        shape, fortran_order, dtype = npy.read_array_header_1_0(f)
+    elif version in ((2, 0), (3, 0)):  # 3.0 differs from 2.0 only in how field names are encoded
+        shape, fortran_order, dtype = npy.read_array_header_2_0(f)
+    else:
+        raise ValueError(f"{name} is .npy format version {version[0]}.{version[1]}; readable: 1.0, 2.0, 3.0")
+    # Rows are read by byte range: they must be rows of a 2-D array, one after the other.
+    if len(shape) != 2 or fortran_order:
+        raise ValueError(f"{name} holds a {'Fortran-ordered ' if fortran_order else ''}array of shape {shape}, not rows of embeddings")
+    return NpyFile(name, f.tell(), shape[0], shape[1], dtype)
+
+
+def npy_headers(folder: str) -> list[NpyFile]:
+    """The header of every .npy in ``folder``, in the order autofaiss reads them (by name)."""
     fs, path = url_to_fs(folder)
-    rows, dim = 0, 0
+    found = []
     for npy in sorted(fs.glob(posixpath.join(path, "*.npy"))):
         with fs.open(npy, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            # version 3.0 differs from 2.0 only in how field names are encoded
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, _ = read_header(f)
-        rows += shape[0]
-        dim = shape[1]
-    return rows, dim
+            found.append(read_npy_header(f, npy))
+    return found
+
+
+def count_embeddings(folder: str) -> tuple[int, int]:
+    """(rows, dim) over every .npy in ``folder``, reading only the npy headers."""
+    headers = npy_headers(folder)
+    return sum(h.rows for h in headers), (headers[-1].dim if headers else 0)
 
 
 def load_embeddings(folder: str) -> "Any":

@@ -125,11 +125,11 @@ class RunLayout:
 
     @property
     def report_json(self) -> str:
-        return self.path("report", "report.json")
+        return storage.join(self.report, "report.json")
 
     @property
     def report_html(self) -> str:
-        return self.path("report", "report.html")
+        return storage.join(self.report, "report.html")
 
     # --- completion markers -------------------------------------------------------------
     @property

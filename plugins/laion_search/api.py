@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from laion_search import report_page
-from laion_search.catalog import DAG_ID, Run, UnknownRun, report_url
+from laion_search.catalog import DAG_ID, Run, UnknownRun
 from laion_search.service import SearchService
 from stages import storage
 from stages.layout import RunLayout
@@ -186,7 +186,7 @@ def _run_info(run: Run) -> RunInfo:
         vectors=image.get("ntotal"),
         index_key=image.get("index_key"),
         recall_at_10=image.get("recall_at_10"),
-        has_report=storage.exists(report_url(run.output_root)),
+        has_report=storage.exists(RunLayout(run.output_root).report_json),
     )
 
 
@@ -296,7 +296,7 @@ def report_json(_: Reader, run: RunParam) -> dict[str, Any]:
 
 
 def _report_of(run: Run) -> dict[str, Any]:
-    report = storage.read_json_or_none(report_url(run.output_root))
+    report = storage.read_json_or_none(RunLayout(run.output_root).report_json)
     if report is None:
         raise HTTPException(404, f"run {run.run_id} has no report/report.json under {run.output_root}")
     return report

@@ -58,11 +58,6 @@ def successful_dag_runs() -> list[dict[str, Any]]:
     ]
 
 
-def report_url(output_root: str) -> str:
-    """The run's report.json (written by the report stage)."""
-    return storage.join(RunLayout(output_root).report, "report.json")
-
-
 def rendered_root(root: str, logical_date: Any) -> str | None:
     """A run's ``output_root`` with its run-date templates (``{{ ds }}``...) filled in, as the
     DAG's tasks render it; None when it needs a date the run does not have."""
@@ -116,7 +111,7 @@ def find_runs(dag_runs: list[dict[str, Any]], search_roots: list[str], defaults:
         same = _same_root(root)
         if same in runs or not _has_index(root, defaults.storage_conn_id):
             continue
-        report = storage.read_json_or_none(report_url(root)) or {}
+        report = storage.read_json_or_none(RunLayout(root).report_json) or {}
         run_id = report.get("run", {}).get("run_id") or os.path.basename(root.rstrip("/"))
         runs[same] = Run(run_id, root, SEARCH_ROOTS_ENV, None, defaults.storage_conn_id)
     return list(runs.values())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
 import tempfile
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -19,6 +18,7 @@ from typing import Any
 from fsspec.core import url_to_fs
 
 from stages import storage
+from stages.embeddings import NpyFile, npy_headers
 from stages.layout import RunLayout, shard_location
 
 log = logging.getLogger(__name__)
@@ -82,34 +82,6 @@ class SampleReader:
         return fs.cat_file(path, start=offset, end=offset + size)
 
 
-@dataclass(frozen=True)
-class NpyFile:
-    """Where the rows of one 2-D, C-ordered ``.npy`` start, and their shape and type."""
-
-    path: str  # as its filesystem names it (no protocol)
-    data_offset: int
-    rows: int
-    dim: int
-    dtype: Any
-
-
-def read_npy_header(f: Any, name: str) -> NpyFile:
-    """The header of the ``.npy`` open in ``f``, read with numpy's public format API only."""
-    from numpy.lib import format as npy
-
-    version = npy.read_magic(f)
-    if version == (1, 0):
-        shape, fortran_order, dtype = npy.read_array_header_1_0(f)
-    elif version in ((2, 0), (3, 0)):  # 3.0 differs from 2.0 only in how field names are encoded
-        shape, fortran_order, dtype = npy.read_array_header_2_0(f)
-    else:
-        raise ValueError(f"{name} is .npy format version {version[0]}.{version[1]}; readable: 1.0, 2.0, 3.0")
-    # Rows are read by byte range: they must be rows of a 2-D array, one after the other.
-    if len(shape) != 2 or fortran_order:
-        raise ValueError(f"{name} holds a {'Fortran-ordered ' if fortran_order else ''}array of shape {shape}, not rows of embeddings")
-    return NpyFile(name, f.tell(), shape[0], shape[1], dtype)
-
-
 class EmbeddingRows:
     """Row ``i`` of the embeddings in index order, read by byte range from its .npy file."""
 
@@ -119,12 +91,7 @@ class EmbeddingRows:
     @cached_property
     def files(self) -> list[NpyFile]:
         """Every .npy of the folder, in the order autofaiss read them (by name)."""
-        fs, path = url_to_fs(self.folder)
-        found = []
-        for npy in sorted(fs.glob(posixpath.join(path, "*.npy"))):
-            with fs.open(npy, "rb") as f:
-                found.append(read_npy_header(f, npy))
-        return found
+        return npy_headers(self.folder)
 
     def row(self, i: int) -> Any:
         import numpy as np
@@ -154,7 +121,7 @@ class RunIndex:
     def index(self) -> Any:
         import faiss
 
-        url = storage.join(self.layout.index, "image.index")
+        url = self.layout.index_file("image")
         if storage.is_remote(url):
             fs, path = url_to_fs(url)
             local = os.path.join(tempfile.mkdtemp(prefix="laion-search-"), "image.index")
@@ -179,9 +146,9 @@ class RunIndex:
     def rows(self) -> Any:
         import pandas as pd
 
-        folder = storage.join(self.layout.index, "metadata")
+        folder = self.layout.search_metadata
         if not storage.exists(folder):  # published before index/metadata existed
-            folder = storage.join(self.layout.embeddings, "metadata")
+            folder = self.layout.embedding_files("metadata")
         frames = []
         for part in storage.list_files(folder, "*.parquet"):
             fs, path = url_to_fs(part)
@@ -198,7 +165,7 @@ class RunIndex:
 
     @cached_property
     def image_embeddings(self) -> EmbeddingRows:
-        return EmbeddingRows(storage.join(self.layout.embeddings, "img_emb"))
+        return EmbeddingRows(self.layout.embedding_files("img_emb"))
 
     def vector_of(self, key: str) -> Any:
         """The stored image embedding of sample ``key`` (KeyError when the run has no such sample)."""

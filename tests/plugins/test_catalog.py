@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from laion_search.catalog import SEARCH_ROOTS_ENV, Run, find_runs, report_url
+from laion_search.catalog import SEARCH_ROOTS_ENV, Run, find_runs
 
 from stages.layout import RunLayout
 from stages.storage import StorageSettings
@@ -50,8 +50,9 @@ def test_a_run_date_root_is_rendered_with_the_runs_date(tmp_path: Path) -> None:
 
 def test_search_roots_are_named_by_their_reports_run(tmp_path: Path) -> None:
     reported, unreported = with_index(tmp_path / "reported"), with_index(tmp_path / "unreported")
-    Path(report_url(reported)).parent.mkdir(parents=True)
-    Path(report_url(reported)).write_text(json.dumps({"run": {"run_id": "manual__2025"}}))
+    report = Path(RunLayout(reported).report_json)
+    report.parent.mkdir(parents=True)
+    report.write_text(json.dumps({"run": {"run_id": "manual__2025"}}))
     also_a_dag_run = with_index(tmp_path / "known")
     defaults = StorageSettings(output_root=str(tmp_path / "unused"), storage_conn_id="roots_conn")
     runs = find_runs([dag_run("known_run", "2025-01-01", output_root=also_a_dag_run)], [reported, unreported, also_a_dag_run], defaults)
