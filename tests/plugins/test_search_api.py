@@ -6,13 +6,13 @@ import io
 import json
 import os
 import shutil
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
+
+from waiting import wait_until
 
 # The first test of the session that uses the plugins' fixtures pays for their pipeline run.
 pytestmark = [pytest.mark.heavy, pytest.mark.timeout(1200)]
@@ -207,13 +207,6 @@ def test_metrics_report_query_latency(client: Any, search_run: dict) -> None:
     assert loaded["memory_mapped"] is True
 
 
-def wait_until(happened: Callable[[], bool], what: str, deadline_s: float = 60) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not happened():
-        assert time.monotonic() < deadline, f"no {what} within {deadline_s} s"
-        time.sleep(0.05)
-
-
 def test_a_new_index_event_reloads_the_index(client: Any, search_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A copy of the run, offered through LAION_SEARCH_ROOTS, gets a smaller index and an Asset event."""
     import inspect
@@ -264,11 +257,11 @@ def test_a_new_index_event_reloads_the_index(client: Any, search_run: dict, tmp_
 
     monkeypatch.setattr(service_module, "latest_index_event_id", looked)
     # Searched until the service has looked at the events since the change: none is new.
-    wait_until(lambda: search(client, "copied_run", text="cat").status_code == 200 and len(looks) > 0, "look at the events")
+    wait_until(lambda: search(client, "copied_run", text="cat").status_code == 200 and len(looks) > 0, "look at the events", timeout=60)
     assert vectors() == total and metrics()["index_reloads"] == reloads, "without an event the loaded index is kept"
 
     with create_session() as session:
         session.add(AssetEvent(asset_id=asset.id, extra={}))
-    wait_until(lambda: search(client, "copied_run", text="cat", k=100).status_code == 200 and vectors() != total, "reload")
+    wait_until(lambda: search(client, "copied_run", text="cat", k=100).status_code == 200 and vectors() != total, "reload", timeout=60)
     assert vectors() == total - 10 and metrics()["index_reloads"] == reloads + 1
     assert looks[-1] != looks[0]  # the reload came from the new event

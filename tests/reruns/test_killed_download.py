@@ -9,12 +9,12 @@ import signal
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
 from sampleweb.hostile import HostileServer
+from waiting import wait_until
 
 DOWNLOAD = """
 import sys
@@ -30,7 +30,7 @@ def stats_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*_stats.json"))
 
 
-def test_a_killed_download_redoes_only_its_unfinished_shard(tmp_path: Path, wait_until: Callable[..., None]) -> None:
+def test_a_killed_download_redoes_only_its_unfinished_shard(tmp_path: Path) -> None:
     with HostileServer(trickle_seconds=120) as server:
         urls = [server.url(f"/good.jpg?n={i}") for i in range(20)] + [server.url("/trickle.jpg")]
         urls += [server.url(f"/good.jpg?n={i}") for i in range(20, 29)]
@@ -48,7 +48,7 @@ def test_a_killed_download_redoes_only_its_unfinished_shard(tmp_path: Path, wait
             wait_until(
                 lambda: len(stats_files(images)) == 2 and server.requests["/trickle.jpg"] == 1
                 and any((images / "_partial").glob("0000000002.*")),
-                "shard 2 started and hanging on /trickle.jpg", worker,
+                "shard 2 started and hanging on /trickle.jpg", process=worker,
             )  # fmt: skip
         finally:
             os.killpg(worker.pid, signal.SIGKILL)

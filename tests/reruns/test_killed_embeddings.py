@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+
+from waiting import wait_until
 
 EMBED = """
 import json, sys
@@ -67,7 +68,7 @@ ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
 
 # Above the deadlines of its waits (240 + 600 + 600 s), so that those report first.
 @pytest.mark.timeout(1800)
-def test_a_killed_embedding_run_resumes_at_partition_granularity(tmp_path: Path, demo_clip_model: str, wait_until: Callable[..., None]) -> None:
+def test_a_killed_embedding_run_resumes_at_partition_granularity(tmp_path: Path, demo_clip_model: str) -> None:
     tars = write_tars(tmp_path / "tars")
     killed = tmp_path / "killed" / "embeddings"
     worker = subprocess.Popen(embed_command(tars, killed, demo_clip_model), env=ENV, start_new_session=True)
@@ -75,7 +76,7 @@ def test_a_killed_embedding_run_resumes_at_partition_granularity(tmp_path: Path,
         # Partition 0 is done and clip-retrieval has opened partition 1's output folders.
         wait_until(
             lambda: (killed / "_done" / "0").exists() and (killed / "_partial" / "1" / "img_emb").exists(),
-            "partition 1 under way", worker,
+            "partition 1 under way", process=worker,
         )  # fmt: skip
     finally:
         os.killpg(worker.pid, signal.SIGKILL)

@@ -12,11 +12,12 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from waiting import wait_until
 
 BUILD = """
 import sys
@@ -27,7 +28,7 @@ build_indexes(RunLayout(sys.argv[1]), IndexSettings(index_key="OPQ32_128,IVF64,P
 
 
 @pytest.mark.timeout(1800)  # a build to its event (600 s at most), then a whole rebuild (900 s)
-def test_a_killed_index_build_leaves_nothing_and_rebuilds(tmp_path: Path, wait_until: Callable[..., None]) -> None:
+def test_a_killed_index_build_leaves_nothing_and_rebuilds(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     embeddings = tmp_path / "embeddings"
     for sub in ("img_emb", "text_emb"):
@@ -42,7 +43,7 @@ def test_a_killed_index_build_leaves_nothing_and_rebuilds(tmp_path: Path, wait_u
     worker = subprocess.Popen([sys.executable, "-c", BUILD, str(tmp_path)], start_new_session=True, env=env)
     try:
         # The image index is complete in the staging folder; the text index is being built.
-        wait_until(lambda: any(scratch.glob("laion-index-*/image_infos.json")), "a built image index", worker)
+        wait_until(lambda: any(scratch.glob("laion-index-*/image_infos.json")), "a built image index", process=worker)
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()

@@ -12,28 +12,17 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sampleweb.hostile import HostileServer
+from waiting import wait_until
 
 from demo import demo_conf  # scripts/, on the path through conftest.py
 
 REPO = Path(__file__).resolve().parents[2]
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
 UNFINISHED = {None, "scheduled", "queued", "running", "up_for_retry", "up_for_reschedule", "deferred", "restarting", "awaiting_input"}
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 600, process: subprocess.Popen | None = None) -> Any:
-    """``condition()``'s first truthy value; fails after ``timeout`` s, or when ``process`` has exited first."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert process is None or process.poll() is None, f"{what}: the process exited with {process.returncode} first"
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
-        time.sleep(0.2)
-    return value
 
 
 class AirflowHome:
@@ -171,9 +160,9 @@ def run_until_download(home: AirflowHome, web: SlowWeb, conf: Path, folder: Path
     web.hold()
     asked_before = web.slow_requests()
     run = MakeRun(home, conf, folder)
-    run_id = wait_for(lambda: home.run_of(run.pid), "run_dag.py creates its run", process=run.process)
-    wait_for(lambda: web.slow_requests() > asked_before, "the download asks for the slow image", process=run.process)
-    wait_for(lambda: home.task_states(run_id).get("download_images[0]") == "running", "download_images runs", process=run.process)
+    run_id = wait_until(lambda: home.run_of(run.pid), "run_dag.py creates its run", process=run.process)
+    wait_until(lambda: web.slow_requests() > asked_before, "the download asks for the slow image", process=run.process)
+    wait_until(lambda: home.task_states(run_id).get("download_images[0]") == "running", "download_images runs", process=run.process)
     return run, run_id
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from make_run import UNFINISHED, AirflowHome, MakeRun, SlowWeb, left_by_a_dead_process, run_until_download, wait_for
+from make_run import UNFINISHED, AirflowHome, MakeRun, SlowWeb, left_by_a_dead_process, run_until_download
+from waiting import wait_until
 
 from run_dag import main, owner_state, this_process  # scripts/, on the path through conftest.py
 
@@ -74,7 +75,7 @@ def test_sigterm_marks_the_run_failed_and_make_up_leaves_a_live_run_alone(
     assert "Stopped by SIGTERM" in home.note(run_id)
     assert f"SIGTERM received: run {run_id} marked failed" in run.terminal()
     # Nothing of the run is left running: img2dataset's workers went with it.
-    wait_for(lambda: not run.group_alive(), "the run's process group is empty", timeout=120)
+    wait_until(lambda: not run.group_alive(), "the run's process group is empty", timeout=120)
 
 
 def spark_jvm(run: MakeRun) -> bool:
@@ -92,8 +93,8 @@ def test_ctrl_c_during_dedup_marks_the_run_failed_and_stops_spark(
 ) -> None:
     home = airflow_home
     run = MakeRun(home, slow_web.write_conf(tmp_path / "data", demo_clip_model), tmp_path)
-    run_id = wait_for(lambda: home.run_of(run.pid), "run_dag.py creates its run", process=run.process)
-    wait_for(lambda: spark_jvm(run), "dedup starts Spark", process=run.process)
+    run_id = wait_until(lambda: home.run_of(run.pid), "run_dag.py creates its run", process=run.process)
+    wait_until(lambda: spark_jvm(run), "dedup starts Spark", process=run.process)
 
     os.killpg(run.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground group
     assert run.wait() == 1
@@ -102,7 +103,7 @@ def test_ctrl_c_during_dedup_marks_the_run_failed_and_stops_spark(
     assert states["fetch_metadata"] == "success" and states["dedup"] == "failed", states
     assert not UNFINISHED & set(states.values()), states
     assert f"SIGINT received: run {run_id} marked failed" in run.terminal()
-    wait_for(lambda: not run.group_alive(), "the run's process group is empty", timeout=120)
+    wait_until(lambda: not run.group_alive(), "the run's process group is empty", timeout=120)
 
 
 @pytest.mark.heavy

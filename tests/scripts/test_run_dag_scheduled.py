@@ -14,7 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from make_run import AIRFLOW, REPO, UNFINISHED, AirflowHome, SlowWeb, left_by_a_dead_process, run_until_download, wait_for
+from make_run import AIRFLOW, REPO, UNFINISHED, AirflowHome, SlowWeb, left_by_a_dead_process, run_until_download
+from waiting import wait_until
 
 from cluster.processes import ProcessGroup, free_port
 
@@ -54,7 +55,7 @@ def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AirflowH
         services.start("api-server", [AIRFLOW, "api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], home.env)
         services.start("scheduler", [AIRFLOW, "scheduler"], home.env)
         services.start("dag-processor", [AIRFLOW, "dag-processor"], home.env)
-        wait_for(lambda: services.alive() and home.query("SELECT 1 FROM dag WHERE dag_id = 'laion_pipeline'"), "laion_pipeline is parsed")
+        wait_until(lambda: services.alive() and home.query("SELECT 1 FROM dag WHERE dag_id = 'laion_pipeline'"), "laion_pipeline is parsed")
         yield home, services
     finally:
         services.stop_all()
@@ -84,8 +85,8 @@ def test_a_ui_run_starts_once_make_up_has_marked_the_killed_run_failed(
     home.cli("dags", "trigger", "laion_pipeline", "--run-id", UI_RUN, "--conf", conf.read_text())
     # Two scheduler loops after the trigger: the second one began once the UI's run existed.
     triggered = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")  # as the database holds times
-    loop = wait_for(lambda: services.alive() and examined_after(home, killed_id, triggered), "a scheduler loop", timeout=300)
-    wait_for(lambda: services.alive() and examined_after(home, killed_id, loop), "the next scheduler loop", timeout=300)
+    loop = wait_until(lambda: services.alive() and examined_after(home, killed_id, triggered), "a scheduler loop", timeout=300)
+    wait_until(lambda: services.alive() and examined_after(home, killed_id, loop), "the next scheduler loop", timeout=300)
     assert home.run_state(UI_RUN) == "queued" and home.run_state(killed_id) == "running"
 
     slow_web.release()
@@ -99,5 +100,5 @@ def test_a_ui_run_starts_once_make_up_has_marked_the_killed_run_failed(
         state = home.run_state(UI_RUN)
         return state if state in ("success", "failed") else None
 
-    assert wait_for(ui_run_ended, "the UI's run ends", timeout=1200) == "success", home.task_states(UI_RUN)
+    assert wait_until(ui_run_ended, "the UI's run ends", timeout=1200) == "success", home.task_states(UI_RUN)
     assert all(state == "success" for state in home.task_states(UI_RUN).values())
