@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 import urllib.request
+from collections.abc import Mapping
 from glob import glob
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,43 @@ def postgres_bin() -> Path:
     if not found:
         raise StartupError("PostgreSQL is not installed: run `make cluster-deps`")
     return Path(found[-1]).parent
+
+
+def start_postgres(processes: ProcessGroup, env: Mapping[str, str], port: int) -> Path:
+    """PostgreSQL on 127.0.0.1:``port`` in a new temporary folder (returned; the caller removes
+    it after stopping ``processes``), with the database ``POSTGRES_DB`` owned by ``POSTGRES_USER``."""
+    pg = postgres_bin()
+    # PostgreSQL refuses to run as root: as root, its files belong to the `postgres` user.
+    user = "postgres" if os.geteuid() == 0 else None
+    data = Path(tempfile.mkdtemp(prefix="laion-postgres-"))
+    password_file = data / "password"
+    password_file.write_text(env["POSTGRES_PASSWORD"])
+    if user:
+        for path in (data, password_file):
+            shutil.chown(path, user, user)
+    processes.run(
+        "postgres-initdb",
+        [str(pg / "initdb"), "-D", str(data / "db"), "-U", env["POSTGRES_USER"], "--pwfile", str(password_file),
+         "--auth", "scram-sha-256", "-E", "UTF8", "--locale", "C", "--no-sync"],
+        env, timeout=120, user=user,
+    )  # fmt: skip
+    processes.start(
+        "postgres",
+        [str(pg / "postgres"), "-D", str(data / "db"), "-h", "127.0.0.1", "-p", str(port),
+         "-k", str(data), "-c", "fsync=off", "-c", "max_connections=200"],
+        env, user=user, stop_signal=signal.SIGINT,  # SIGINT: fast shutdown, without waiting on clients
+    )  # fmt: skip
+    processes.wait_until("postgres", port_open(port), timeout=60)
+    import psycopg2
+
+    db = psycopg2.connect(host="127.0.0.1", port=port, user=env["POSTGRES_USER"], password=env["POSTGRES_PASSWORD"], dbname="postgres")
+    db.autocommit = True  # CREATE DATABASE runs outside a transaction
+    try:
+        with db.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{env["POSTGRES_DB"]}"')
+    finally:
+        db.close()
+    return data
 
 
 class LoopbackCluster:
@@ -122,38 +160,7 @@ class LoopbackCluster:
                 shutil.rmtree(self.pg_data, ignore_errors=True)
 
     def start_postgres(self) -> None:
-        env = self.service_env("postgres")
-        pg = postgres_bin()
-        # PostgreSQL refuses to run as root: as root, its files belong to the `postgres` user.
-        user = "postgres" if os.geteuid() == 0 else None
-        self.pg_data = Path(tempfile.mkdtemp(prefix="laion-postgres-"))
-        password_file = self.pg_data / "password"
-        password_file.write_text(env["POSTGRES_PASSWORD"])
-        if user:
-            for path in (self.pg_data, password_file):
-                shutil.chown(path, user, user)
-        self.processes.run(
-            "postgres-initdb",
-            [str(pg / "initdb"), "-D", str(self.pg_data / "db"), "-U", env["POSTGRES_USER"], "--pwfile", str(password_file),
-             "--auth", "scram-sha-256", "-E", "UTF8", "--locale", "C", "--no-sync"],
-            env, timeout=120, user=user,
-        )  # fmt: skip
-        self.processes.start(
-            "postgres",
-            [str(pg / "postgres"), "-D", str(self.pg_data / "db"), "-h", "127.0.0.1", "-p", str(self.ports.postgres),
-             "-k", str(self.pg_data), "-c", "fsync=off", "-c", "max_connections=200"],
-            env, user=user, stop_signal=signal.SIGINT,  # SIGINT: fast shutdown, without waiting on clients
-        )  # fmt: skip
-        self.processes.wait_until("postgres", port_open(self.ports.postgres), timeout=60)
-        import psycopg2
-
-        db = psycopg2.connect(host="127.0.0.1", port=self.ports.postgres, user=env["POSTGRES_USER"], password=env["POSTGRES_PASSWORD"], dbname="postgres")
-        db.autocommit = True  # CREATE DATABASE runs outside a transaction
-        try:
-            with db.cursor() as cursor:
-                cursor.execute(f'CREATE DATABASE "{env["POSTGRES_DB"]}"')
-        finally:
-            db.close()
+        self.pg_data = start_postgres(self.processes, self.service_env("postgres"), self.ports.postgres)
 
     def start_redis(self) -> None:
         env = self.service_env("redis")

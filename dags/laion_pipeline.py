@@ -6,12 +6,16 @@ the LAION-400M preprocessing as one DAG.
 
 | stage | tool | output |
 |---|---|---|
-| fetch_metadata | fsspec | `raw/` |
-| dedup | Spark (`spark_default`) | `dedup/part-*.parquet`, `dedup/_stats.json` |
-| download_images (one per part) | img2dataset | `images/<part>/00000.tar` ... |
+| fetch_metadata | fsspec | `raw/` (and the output root's lock) |
+| dedup | Spark (`spark_default`) | new `dedup/part-*.parquet` for the raw files no batch holds, `dedup/_stats.json` |
+| download_images (one per part not yet downloaded) | img2dataset | `images/<part>/00000.tar` ... |
 | clip_embeddings (pool `gpu`) | clip-retrieval | `embeddings/{img_emb,text_emb,metadata}/` |
 | build_index (pool `gpu`) | autofaiss | `index/{image,text}.index` |
 | report (every run past dedup) | | `report/report.json`, `report/report.html` |
+
+A dataset grows: a run over an output root that already holds a dataset deduplicates only
+the raw files no earlier run read (against every earlier pair), and downloads, embeds and
+indexes only what they add. One run at a time writes an output root.
 
 Every setting is a param of the run; deployment defaults come from `LAION_*` environment
 variables (see the README). A stage whose input no retry can fix (a bad setting, a
@@ -94,7 +98,11 @@ def laion_pipeline() -> None:
         settings=templates_of(DownloadSettings),
         **stage,
     ).expand(part=parts.output)
-    embeddings = ClipEmbeddingsOperator(task_id="clip_embeddings", settings=templates_of(EmbeddingSettings), **gpu, **stage)
+    # none_failed: with no part left to download (a batch of nothing new), the mapped
+    # downloads are skipped and the embeddings still run (finding nothing new, they skip).
+    embeddings = ClipEmbeddingsOperator(
+        task_id="clip_embeddings", settings=templates_of(EmbeddingSettings), trigger_rule=TriggerRule.NONE_FAILED, **gpu, **stage
+    )
     index = BuildIndexOperator(
         task_id="build_index",
         outlets=[Asset(INDEX_ASSET)],  # the search plugin reloads a run's index on its events

@@ -31,7 +31,7 @@ from stages.images.retry import RetrySettings
 )
 def laion_retry_failed() -> None:
     stage = {"output_root": ROOT, "storage_conn_id": CONN}
-    parts = ListPartsOperator(task_id="list_dedup_parts", **stage)
+    parts = ListPartsOperator(task_id="list_dedup_parts", pending_only=False, **stage)
     RetryFailedSamplesOperator.partial(
         task_id="retry_failed_samples",
         pool=DOWNLOAD_POOL,

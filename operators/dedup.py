@@ -7,6 +7,7 @@ from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOpe
 from airflow.sdk.exceptions import AirflowException
 
 from operators.base import StageOperator
+from stages.dedup.batches import SUMMED
 from stages.dedup.inputs import DedupInputError
 from stages.dedup.settings import DedupSettings
 from stages.errors import InputError
@@ -31,6 +32,7 @@ def dedup_job_args(layout: RunLayout, settings: DedupSettings, seed: int = SEED)
         "--max-caption-length", str(policy.max_caption_length),
         "--long-captions", policy.long_captions,
         "--bad-files", policy.bad_files,
+        "--changed-raw-files", settings.changed_raw_files,
     ]  # fmt: skip
 
 
@@ -64,14 +66,14 @@ class DedupOperator(StageOperator, SparkSubmitOperator):
 
         layout, settings = self.layout, self.stage_settings()
         try:
-            # Already made from these raw files and settings: no Spark application is submitted.
-            stats = current_output(layout.raw, layout.dedup_marker, settings, SEED)
-            if stats is None:
+            # Every raw file already in a batch: no Spark application is submitted.
+            stats = current_output(layout.raw, layout.dedup_marker, settings.changed_raw_files)
+            added = stats is None
+            if added:
                 stats = self.submit(context, layout, settings)
         except DedupInputError as error:
             raise InputError(f"dedup rejected its input: {error}") from error
-        numbers = {k: v for k, v in stats.items() if k not in ("files", "seconds", "policy")}
-        return {**numbers, "job_seconds": stats.get("seconds")}
+        return dedup_numbers(stats, added=added)
 
     def submit(self, context: Any, layout: RunLayout, settings: DedupSettings) -> dict[str, Any]:
         """spark-submit the job; the stats it recorded. Its verdict on its input is a DedupInputError here too."""
@@ -90,6 +92,15 @@ class DedupOperator(StageOperator, SparkSubmitOperator):
         """The exit status of the last spark-submit, None when none ran."""
         process = getattr(self._hook, "_submit_sp", None)  # the hook keeps its Popen only privately
         return None if process is None else process.returncode
+
+
+def dedup_numbers(stats: dict[str, Any], *, added: bool) -> dict[str, Any]:
+    """The task's numbers: the dataset's totals, and the batch this run ``added`` (None when
+    every raw file was already in the dataset), its job's time as ``job_seconds``."""
+    totals = {k: v for k, v in stats.items() if k in (*SUMMED, "rows_invalid_by_reason", "parts", "partitions", "files_rejected")}
+    latest = stats["batches"][-1] if added and stats.get("batches") else None
+    batch = None if latest is None else {k: latest.get(k) for k in ("batch", *SUMMED, "parts")}
+    return {**totals, "batches": len(stats.get("batches", [])), "added_batch": batch, "job_seconds": latest and latest.get("seconds")}
 
 
 def rejection(spark_error: str) -> str | None:

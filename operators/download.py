@@ -8,10 +8,25 @@ from stages.images.retry import RetrySettings, retry_part
 
 
 class ListPartsOperator(StageOperator):
-    """Returns the dedup part names (``part-00000`` ...): the download stage maps over them."""
+    """Returns the names (``part-00000`` ...) of the dedup parts whose download has not
+    finished: the download stage maps over them. Parts of earlier batches, downloaded,
+    get no task (a dataset of thousands of parts shows only its new ones).
+
+    :param pending_only: False lists every current part (a retry of failed samples looks at all)
+    """
+
+    def __init__(self, *, pending_only: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pending_only = pending_only
 
     def run(self, context: Any) -> dict[str, Any]:
-        return {"parts": self.layout.current_parts()}
+        stats = self.layout.dedup_stats()
+        parts = self.layout.current_parts(stats)
+        if not self.pending_only:
+            return {"parts": parts}
+        pending = self.layout.pending_parts(stats)
+        self.log.info("%d of %d parts to download", len(pending), len(parts))
+        return {"parts": pending}
 
     def execute(self, context: Any) -> list[str]:  # type: ignore[override]
         return super().execute(context)["parts"]
@@ -37,12 +52,15 @@ class DownloadImagesOperator(StageOperator):
         return self.layout.part(part), self.layout.part_images(part), self.stage_settings()
 
     def run(self, context: Any) -> dict[str, Any]:
-        numbers = download_part(*self.part_arguments(), dedup_version=self.layout.dedup_version())
+        version = self.layout.part_version(str(self.part))
+        numbers = download_part(*self.part_arguments(), dedup_version=version)
         self.log.info(
             "%s: %d of %d samples downloaded in %.1f s", self.part, numbers["successes"], numbers["count"], numbers["seconds"]
         )
         numbers["samples_per_second"] = round(numbers["count"] / numbers["seconds"], 2) if numbers["seconds"] else None
         numbers.pop("shards")
+        if numbers.pop("complete"):  # later runs leave the part out
+            self.layout.download_marker(str(self.part), version).mark_done({"dedup_version": version}, numbers)
         return numbers
 
 
@@ -59,6 +77,6 @@ class RetryFailedSamplesOperator(DownloadImagesOperator):
     settings_class = RetrySettings
 
     def run(self, context: Any) -> dict[str, Any]:
-        numbers = retry_part(*self.part_arguments(), dedup_version=self.layout.dedup_version())
+        numbers = retry_part(*self.part_arguments(), dedup_version=self.layout.part_version(str(self.part)))
         self.log.info("%s: %d samples retried, %d recovered", self.part, numbers["retried"], numbers["recovered"])
         return numbers

@@ -5,6 +5,7 @@ from typing import Any, Iterable, Mapping
 from airflow.sdk.exceptions import AirflowFailException
 
 from operators.base import FAILURE_KEY, StageOperator
+from stages.lock import RootLock
 from stages.report import STAGE_ORDER, SUCCESS, build_report, write_report
 
 # How a stage ended, from the states of its tasks: the first of these any task is in.
@@ -18,7 +19,8 @@ class ReportOperator(StageOperator):
     reports what is on storage: a run that got past dedup gets its report whatever
     happened later, each stage's state in it and the reason a stage failed. When a stage
     did not finish, the task fails after writing the report (without retries): the run is
-    failed, and clearing its failed tasks makes the report again.
+    failed, and clearing its failed tasks makes the report again. It gives back the output
+    root's lock that fetch_metadata took.
     """
 
     def run(self, context: Any) -> dict[str, Any]:
@@ -27,8 +29,15 @@ class ReportOperator(StageOperator):
         failures = {t: _as_list(ti.xcom_pull(task_ids=t, key=FAILURE_KEY)) for t in STAGE_ORDER}
         states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id], task_ids=STAGE_ORDER).get(ti.run_id, {})
         run = {"dag_id": ti.dag_id, "run_id": ti.run_id, "output_root": str(self.output_root)}
-        report = build_report(self.layout, stage_numbers, run, stage_outcomes(states, failures))
-        paths = write_report(self.layout, report)
+        outcomes = stage_outcomes(states, failures)
+        if outcomes.get("download_images", {}).get("state") == "skipped" and ti.xcom_pull(task_ids="list_dedup_parts") == []:
+            outcomes["download_images"] = {"state": SUCCESS, "reason": None}  # no part left to download: done
+        try:
+            report = build_report(self.layout, stage_numbers, run, outcomes)
+            paths = write_report(self.layout, report)
+        finally:  # the run is over: the next run on this root may start
+            if RootLock(str(self.output_root), run).release():
+                self.log.info("Gave back the lock of %s", self.output_root)
         self.log.info("Report written to %s", paths["report_html"])
         if not report["complete"]:
             raise AirflowFailException(f"the run did not finish: {report['reason']}; its report: {paths['report_html']}")

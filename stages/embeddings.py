@@ -25,7 +25,7 @@ from fsspec.core import url_to_fs
 
 from stages import storage
 from stages.errors import NothingToDo
-from stages.layout import RunLayout
+from stages.layout import RunLayout, shard_location
 from stages.processes import spawn_without_main
 from stages.settings import setting
 
@@ -138,7 +138,8 @@ def compute_embeddings(
     if plan != previous:
         storage.write_json(plan_url, plan)
     finished = finished_partitions(output_folder)
-    todo = [i for i in range(len(plan["partitions"])) if i not in finished]
+    # A partition of a removed batch keeps its number, holding nothing.
+    todo = [i for i, p in enumerate(plan["partitions"]) if i not in finished and p["tars"]]
     log.info(
         "Embedding %d shards in %d partitions with %s on %s; %d partitions already done",
         len(tars), len(plan["partitions"]), settings.clip_model, device, len(plan["partitions"]) - len(todo),
@@ -155,7 +156,7 @@ def compute_embeddings(
         "dim": dim,
         "device": device,
         "shards": len(tars),
-        "partitions": len(plan["partitions"]),
+        "partitions": sum(1 for p in plan["partitions"] if p["tars"]),
         "partitions_computed": len(todo),
         "compute_seconds": round(seconds, 3),
         "samples_per_second": round(count / seconds, 2) if seconds and todo else None,
@@ -174,7 +175,8 @@ def extend_plan(
 ) -> tuple[dict[str, Any], bool]:
     """(the embedding plan for ``tars``, whether ``previous`` was kept).
 
-    The plan is ``previous`` plus partitions for the tars it lacks. ``previous`` is kept
+    The plan is ``previous`` plus partitions for the tars it lacks, each holding the tars of
+    one part (so a removed batch takes whole partitions with it). ``previous`` is kept
     only when it was made for ``clip_model`` and every tar it planned is still there,
     unchanged; otherwise the plan starts over.
     """
@@ -187,13 +189,48 @@ def extend_plan(
     )
     partitions = list(planned) if keep else []
     seen = {t for p in partitions for t in p["tars"]}
-    new = [t for t in tars if t not in seen]
-    if new:
+    new_by_part: dict[str, list[str]] = {}
+    for tar in tars:
+        if tar not in seen:
+            new_by_part.setdefault(shard_location(tar)[0], []).append(tar)
+    for part, new in sorted(new_by_part.items()):  # a partition holds one part's tars only
         count, _ = plan_partitions(len(new), workers, max(1, samples * len(new) // len(tars)), samples_per_partition)
         for i in range(count):
             group = new[i * len(new) // count : (i + 1) * len(new) // count]
-            partitions.append({"tars": group, "fingerprint": fingerprint(group)})
+            partitions.append({"part": part, "tars": group, "fingerprint": fingerprint(group)})
     return {"clip_model": clip_model, "partitions": partitions}, keep
+
+
+def drop_parts(layout: RunLayout, parts: set[str]) -> dict[str, Any] | None:
+    """Take the embedding partitions of ``parts`` out of ``layout.embeddings`` (a removed
+    batch): their files go, their numbers stay in the plan holding nothing, and the marker
+    is rewritten for the shards that remain. None when nothing was embedded yet."""
+    output_folder = layout.embeddings
+    plan_url = storage.join(output_folder, PLAN)
+    plan = storage.read_json_or_none(plan_url)
+    if plan is None:
+        return None
+    fs, path = url_to_fs(output_folder)
+    dropped = [i for i, p in enumerate(plan["partitions"]) if p["tars"] and (p.get("part") or shard_location(p["tars"][0])[0]) in parts]
+    for i in dropped:
+        if fs.exists(posixpath.join(path, DONE, str(i))):
+            fs.rm(posixpath.join(path, DONE, str(i)))
+        for sub in OUTPUTS:
+            for produced in fs.glob(posixpath.join(path, sub, f"{sub}_{i:0{PARTITION_DIGITS}d}.*")):
+                fs.rm(produced)
+        plan["partitions"][i] = {**plan["partitions"][i], "tars": [], "fingerprint": fingerprint([]), "removed": True}
+    storage.write_json(plan_url, plan)
+    recorded = layout.embeddings_marker.read()
+    if recorded is None:
+        return {"partitions_removed": len(dropped)}
+    tars = [t for p in plan["partitions"] for t in p["tars"]]
+    count, dim = count_embeddings(layout.embedding_files("img_emb"))
+    text_count, _ = count_embeddings(layout.embedding_files("text_emb"))
+    inputs = {"input_fingerprint": fingerprint(layout.current_shards()), "clip_model": recorded["clip_model"]}
+    numbers = {**recorded, "count": count, "text_count": text_count, "dim": dim, "shards": len(tars),
+               "partitions": sum(1 for p in plan["partitions"] if p["tars"]), "partitions_computed": 0}  # fmt: skip
+    layout.embeddings_marker.mark_done(inputs, numbers)
+    return {"partitions_removed": len(dropped), "count": count}
 
 
 def _clear(layout: RunLayout) -> None:

@@ -9,8 +9,11 @@ inputs instead of reading marker files themselves.
 
     <output_root>/
       raw/                          fetched metadata files (raw/_rejected/: files set aside)
-      dedup/part-00000.parquet ...  unique (URL, TEXT) rows; dedup/_stats.json marks them done
-      images/<part>/0000000000.tar  webdataset shards; <shard>_stats.json marks each done
+      dedup/part-00000.parquet ...  unique (URL, TEXT) rows, batch after batch; dedup/_stats.json
+                                    records the batches (the dataset is what it records)
+      dedup/keys/batch-<n>/         the keys of each batch's rows, for later batches' dedup
+      images/<part>/0000000000.tar  webdataset shards; <shard>_stats.json marks each done,
+                                    images/<part>/_state/_done-<version>.json the part
       embeddings/{img_emb,text_emb,metadata}/   clip-retrieval's layout; _SUCCESS.json
       index/{image,text}.index      autofaiss indexes; _SUCCESS.json marks the pair
       index/metadata/, index/offsets/<part>/<shard>.parquet   search files; _SEARCH.json
@@ -34,6 +37,7 @@ EMBEDDINGS_MARKER = "_SUCCESS.json"
 INDEX_MARKER = "_SUCCESS.json"
 SEARCH_MARKER = "_SEARCH.json"
 SHARD_STATS_SUFFIX = "_stats.json"  # img2dataset's: a shard is done when its stats exist
+STATE_DIR = "_state"  # a part's files that are not shards (img2dataset does not read the folder)
 
 
 @dataclass(frozen=True)
@@ -162,10 +166,30 @@ class RunLayout:
         stats = self.dedup_stats() if dedup_stats is None else dedup_stats
         return [p.split(".")[0] for p in stats["parts"]]
 
-    def dedup_version(self, dedup_stats: Mapping[str, Any] | None = None) -> str:
-        """Names one dedup output: same raw input, partitions and seed give the same parts."""
+    def part_version(self, part: str, dedup_stats: Mapping[str, Any] | None = None) -> str:
+        """Names the rows of one part (``part-00003``): the version of the batch that wrote it."""
         stats = self.dedup_stats() if dedup_stats is None else dedup_stats
-        return f'{stats["input_fingerprint"]}-p{stats["partitions"]}-s{stats.get("seed", 0)}'
+        versions = {p.split(".")[0]: b["version"] for b in stats.get("batches", []) for p in b["parts"]}
+        if part not in versions:
+            raise ValueError(f"{part} is not a part of the dataset at {self.output_root} (see {self.dedup_marker.url})")
+        return versions[part]
+
+    def batch_parts(self, batch: int | None = None, dedup_stats: Mapping[str, Any] | None = None) -> list[str]:
+        """The part names of one batch (default: the latest)."""
+        stats = self.dedup_stats() if dedup_stats is None else dedup_stats
+        found = [b for b in stats.get("batches", []) if batch is None or b["batch"] == batch]
+        return [p.split(".")[0] for p in found[-1]["parts"]] if found else []
+
+    def pending_parts(self, dedup_stats: Mapping[str, Any] | None = None) -> list[str]:
+        """The current parts whose download has not finished: no download marker for the
+        version of their rows (one listing of the image folders' markers)."""
+        stats = self.dedup_stats() if dedup_stats is None else dedup_stats
+        fs, root = url_to_fs(self.images)
+        done = {posixpath.relpath(path, root) for path in fs.glob(posixpath.join(root, "*", STATE_DIR, "_done-*.json"))}
+        return [
+            part for part in self.current_parts(stats)
+            if posixpath.join(part, STATE_DIR, download_marker_name(self.part_version(part, stats))) not in done
+        ]  # fmt: skip
 
     def part(self, part: str) -> str:
         """A dedup part's parquet file (``dedup/part-00003.parquet``)."""
@@ -174,6 +198,11 @@ class RunLayout:
     def part_images(self, part: str) -> str:
         """The folder of a part's shards (``images/part-00003``)."""
         return self.path("images", part)
+
+    def download_marker(self, part: str, version: str) -> Marker:
+        """Written when every shard of a part is finished, named by the version of the part's
+        rows (``images/<part>/_state/_done-<version>.json``)."""
+        return Marker(self.path("images", part, STATE_DIR, download_marker_name(version)), "download_images")
 
     # --- shards ---------------------------------------------------------------------------
     def shard_stats(self, parts: list[str] | None = None) -> list[str]:
@@ -203,6 +232,10 @@ class RunLayout:
         fs, root = url_to_fs(self.index)
         found = fs.glob(posixpath.join(root, "offsets", "*", "*.parquet"))
         return sorted(storage.url_of(fs, f, like=self.output_root) for f in found)
+
+
+def download_marker_name(version: str) -> str:
+    return f"_done-{version}.json"
 
 
 def shard_location(tar_url: str) -> tuple[str, str]:

@@ -102,7 +102,10 @@ def build_report(
         "summary": downloads_line(shards),
     }
     index_summary = {
-        name: {k: index[name][k] for k in ("index_key", "ntotal", "size_bytes", "recall_at_10", "build_seconds")}
+        name: {
+            **{k: index[name][k] for k in ("index_key", "ntotal", "size_bytes", "recall_at_10", "build_seconds")},
+            **{k: index[name].get(k) for k in ("action", "added", "retrain_reason")},
+        }
         for name in ("image", "text")
     } if index else {}  # fmt: skip
     funnel = [
@@ -127,14 +130,36 @@ def build_report(
         "stages": stages,
         "dedup": {
             **{k: dedup[k] for k in ("rows_in", "rows_invalid", "rows_out", "partitions")},
+            "batches": len(dedup.get("batches", [])),
+            "duplicates_of_earlier_batches": dedup.get("duplicates_of_earlier_batches", 0),
             "rows_invalid_by_reason": dedup.get("rows_invalid_by_reason", {}),
             "captions_truncated": dedup.get("captions_truncated", 0),
             "files_rejected": dedup.get("files_rejected", []),
         },
         "download": download,
+        "latest_batch": latest_batch(layout, dedup, index_summary),
         "embeddings": {k: (embeddings or {}).get(k) for k in ("count", "dim", "device", "clip_model", "samples_per_second")},
         "index": index_summary,
         "funnel": funnel,
+    }
+
+
+def latest_batch(layout: RunLayout, dedup: Mapping[str, Any], index: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The latest batch's own numbers: its rows, new unique pairs, duplicates of earlier
+    batches, downloads, and what the index did with it."""
+    if not dedup.get("batches"):
+        return None
+    batch = dedup["batches"][-1]
+    shards = summarize_shards(layout.images, [p.split(".")[0] for p in batch["parts"]])
+    image = index.get("image", {})
+    return {
+        **{k: batch.get(k) for k in ("batch", "files", "rows_in", "rows_invalid", "duplicates_of_earlier_batches", "rows_out")},
+        "parts": len(batch["parts"]),
+        "downloaded": shards["successes"],
+        "download_count": shards["count"],
+        "new_vectors": image.get("added"),
+        "index_action": image.get("action"),
+        "recall_at_10": image.get("recall_at_10"),
     }
 
 
@@ -157,6 +182,24 @@ def stage_shown(stage: Mapping[str, Any]) -> str:
     if state != SUCCESS or stage["duration_s"] is None:
         return f'{state}: {stage["reason"]}' if stage.get("reason") else str(state)
     return f'{stage["duration_s"]:.1f} s'
+
+
+def batch_line(report: Mapping[str, Any]) -> str:
+    """The dataset's size and the latest batch's numbers, in one escaped sentence."""
+    dedup, batch = report["dedup"], report.get("latest_batch")
+    if "rows_out" not in dedup:
+        return ""
+    line = f'{dedup["rows_out"]:,} unique pairs in {dedup.get("batches", 1)} batches.'
+    if batch:
+        line += (
+            f' Batch {batch["batch"]}: {batch["rows_in"]:,} rows, {batch["rows_out"]:,} new unique pairs, '
+            f'{batch["duplicates_of_earlier_batches"]:,} already in earlier batches, {batch["downloaded"]:,} of '
+            f'{batch["download_count"]:,} downloaded; index {batch["index_action"] or "not built"}'
+        )
+        if batch.get("new_vectors") is not None:
+            line += f' ({batch["new_vectors"]:,} vectors added, recall@10 {batch["recall_at_10"]})'
+        line += "."
+    return html.escape(line)
 
 
 def render_html(report: dict[str, Any]) -> str:
@@ -203,6 +246,8 @@ table{{border-collapse:collapse;margin:.5em 0}} td,th{{border:1px solid #ddd;pad
 {stages}
 <h2>Samples through the pipeline</h2>
 {funnel}
+<h2>Dataset and latest batch</h2>
+<p>{batch_line(report)}</p>
 <h2>Rejected metadata rows</h2>
 <table><tr><th>reason</th><th>rows</th></tr>{rejected}</table>
 <h2>Downloads</h2>

@@ -1,14 +1,16 @@
-"""Dedup stage: raw LAION metadata files in, N shuffled parquet parts out.
+"""Dedup stage: raw LAION metadata files in, shuffled parquet parts out, one batch at a time.
 
-Every CSV or parquet file in the input folder is read on its own, aligned to the
+A run reads the raw files no earlier run read (a batch), each on its own: aligned to the
 reference columns, stripped of rows without an http(s) URL and of exact (URL, TEXT)
-duplicates, shuffled by a seeded hash and written as `part-00000.parquet` ...
-`part-{N-1}.parquet`. The completion marker (`_stats.json`) is written last: the output is
-complete exactly when it exists, and a rerun over the same input and settings is skipped.
+duplicates within the batch and against every earlier batch (by the keys each batch
+keeps under ``keys/``), shuffled by a seeded hash and written as ``dedup_partitions`` new
+parts numbered after the earlier ones. Earlier parts are never rewritten. The completion
+marker (``_stats.json``, see :mod:`stages.dedup.batches`) is written last: a batch is in
+the dataset exactly when it records it, and a rerun with no new raw file is skipped.
 
 settings (:class:`~stages.dedup.settings.DedupSettings`), inputs (the input folder's
-files), rows (the Spark work), outputs (parts, publishing, the marker), job (the Spark
-application that spark-submit runs).
+files), batches (which files each batch holds; totals), rows (the Spark work), outputs
+(parts, keys, publishing), job (the Spark application that spark-submit runs).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from stages.dedup.settings import DedupSettings
 
@@ -29,28 +32,30 @@ log = logging.getLogger(__name__)
 
 
 def run(spark: SparkSession, input_url: str, output_url: str, settings: DedupSettings, seed: int = 0) -> dict[str, Any]:
-    """Deduplicate every file under `input_url` into ``settings.dedup_partitions`` parts under `output_url`.
+    """Deduplicate the raw files under ``input_url`` that no batch of ``output_url`` holds
+    into ``settings.dedup_partitions`` new parts there.
 
     Both URLs may be local paths, file:// or any fsspec URL such as s3://bucket/prefix.
     Returns the stats the output's marker records (or already recorded, when skipped).
     """
     # Imported here, not above: the DAG file imports DedupSettings from this package, and
     # parsing it must not load Spark.
-    from stages.dedup import inputs, outputs, rows
+    from stages.dedup import batches, inputs, outputs, rows
 
     started = time.monotonic()
     in_fs, in_root = fsspec.core.url_to_fs(input_url)
     out_fs, out_root = fsspec.core.url_to_fs(output_url)
     done = outputs.marker(output_url)
     listing = inputs.list_input_files(in_fs, in_root, input_url)
-    previous = outputs.current_output(input_url, done, settings, seed, listing)
-    if previous is not None:
-        return previous
+    plan = batches.plan_batch(in_fs, in_root, input_url, done.read(), listing, settings.changed_raw_files)
+    if not plan.new_files:
+        log.info("Skipping dedup: every raw file under %s is in one of the batches of %s", input_url, done.url)
+        return plan.earlier
 
     policy, partitions = settings.policy, settings.dedup_partitions
-    with inputs.local_input_dir(in_fs, in_root, listing) as input_dir:
+    with inputs.local_input_dir(in_fs, in_root, plan.new_files) as input_dir:
         files, frames, rejected_files = [], [], []
-        for name, _ in listing:
+        for name, _ in plan.new_files:
             source = f"{input_url.rstrip('/')}/{name}"
             try:
                 file = inputs.detect_file(name, source, os.path.join(input_dir, name))
@@ -65,41 +70,61 @@ def run(spark: SparkSession, input_url: str, output_url: str, settings: DedupSet
             if frame is not None:
                 frames.append(frame)
             files.append(file)
-        tagged = rows.tag_rows(frames, policy)
-        counts = rows.count_rows(tagged)
-        deduped = rows.shuffle(rows.drop_duplicates(rows.valid_rows(tagged, policy)), partitions, seed)
-        with outputs.work_dir(out_fs, out_root) as work:
-            parts = outputs.write_parts(deduped, work, partitions)
-            rejected_sample = outputs.write_rejected_sample(rows.rejected_sample(tagged, files), work)
-            by_reason: dict[str, int] = {}
-            for (_, reason), n in counts.items():
-                if reason is not None:
-                    by_reason[reason] = by_reason.get(reason, 0) + n
-            numbers = {
-                "rows_in": sum(counts.values()),
-                "rows_invalid": sum(by_reason.values()),
-                "rows_invalid_by_reason": dict(sorted(by_reason.items())),
-                "captions_truncated": rows.count_truncated(tagged, policy),
-                "rows_out": outputs.count_part_rows(parts),
-                "parts": [outputs.part_name(index) for index in range(partitions)],
-                "files": [
-                    {
-                        "name": f.name,
-                        "rows": sum(n for (i, _), n in counts.items() if i == index),
-                        "format": f.format,
-                        "delimiter": f.delimiter,
-                    }
-                    for index, f in enumerate(files)
-                ],
-                "files_rejected": rejected_files,
-                "seconds": round(time.monotonic() - started, 3),
-            }
-            outputs.publish(out_fs, out_root, parts, rejected_sample, done)
-            # The files set aside are no longer listed: a rerun finds this output current.
-            kept = [(n, size) for n, size in listing if n not in {r["name"] for r in rejected_files}]
-            stats = done.mark_done(outputs.made_from(kept, settings, seed), numbers)  # last: marks the output complete
+        if not frames and plan.earlier is None:
+            raise inputs.DedupInputError("no input file holds any row")
+        with outputs.work_dir(out_fs, out_root) as work, outputs.local_keys(out_fs, out_root, plan.key_folders) as earlier_keys:
+            numbers: dict[str, Any] = {"rows_in": 0, "rows_invalid": 0, "rows_invalid_by_reason": {}, "captions_truncated": 0}
+            parts, keys, rejected_sample = [], [], None
+            counts: dict[tuple[int, str | None], int] = {}
+            unique_count = 0
+            if frames:
+                tagged = rows.tag_rows(frames, policy)
+                counts = rows.count_rows(tagged)
+                unique = rows.with_key(rows.drop_duplicates(rows.valid_rows(tagged, policy))).persist()
+                unique_count = unique.count()
+                new = rows.not_in(unique, spark.read.parquet(*("file://" + k for k in earlier_keys))) if earlier_keys else unique
+                if new.count():  # a batch of nothing new adds no part
+                    parts = outputs.write_parts(rows.shuffle(new.drop(rows.KEY), partitions, seed), work, partitions, first=plan.first_part)
+                    keys = outputs.write_keys(new.select(rows.KEY), work)
+                rejected_sample = outputs.write_rejected_sample(rows.rejected_sample(tagged, files), work)
+                unique.unpersist()
+                by_reason: dict[str, int] = {}
+                for (_, reason), n in counts.items():
+                    if reason is not None:
+                        by_reason[reason] = by_reason.get(reason, 0) + n
+                numbers = {
+                    "rows_in": sum(counts.values()),
+                    "rows_invalid": sum(by_reason.values()),
+                    "rows_invalid_by_reason": dict(sorted(by_reason.items())),
+                    "captions_truncated": rows.count_truncated(tagged, policy),
+                }
+            rows_out = outputs.count_part_rows(parts)
+            numbers.update(
+                duplicates_of_earlier_batches=unique_count - rows_out,
+                rows_out=rows_out,
+                parts=[os.path.basename(part) for part in parts],
+                files_rejected=rejected_files,
+                seconds=round(time.monotonic() - started, 3),
+            )
+            sizes = dict(plan.new_files)
+            file_entries = [
+                {
+                    "name": f.name,
+                    "size": sizes[f.name],
+                    "sha256": batches.sha256_of(LocalFileSystem(), f.local_path),
+                    "modified": batches.modified(in_fs, f"{in_root}/{f.name}"),
+                    "rows": sum(n for (i, _), n in counts.items() if i == index),
+                    "format": f.format,
+                    "delimiter": f.delimiter,
+                }
+                for index, f in enumerate(files)
+            ]
+            stats = batches.record_batch(plan, numbers, file_entries, settings, seed)
+            outputs.publish(out_fs, out_root, parts, keys, batches.key_folder(plan.batch), rejected_sample, fresh=plan.earlier is None)
+            done.mark_done({}, stats)  # last: the batch is in the dataset once the marker records it
     log.info(
-        "Dedup wrote %d of %d rows (%d invalid) to %s in %d parts",
-        stats["rows_out"], stats["rows_in"], stats["rows_invalid"], output_url, partitions,
+        "Dedup batch %d: %d new unique rows of %d (%d invalid, %d already in earlier batches) in %d parts; %d rows in %d batches",
+        plan.batch, numbers["rows_out"], numbers["rows_in"], numbers["rows_invalid"], numbers["duplicates_of_earlier_batches"],
+        len(parts), stats["rows_out"], len(stats["batches"]),
     )  # fmt: skip
     return stats

@@ -3,6 +3,8 @@
     spark-submit --master 'local[*]' stages/dedup/job.py \
         --input s3://bucket/raw --output s3://bucket/dedup --partitions 16 [--seed 0]
 
+Each submission deduplicates the raw files that no earlier batch holds (see stages.dedup).
+
 Run as a file, Python puts only this folder on sys.path: ``stages`` is imported as the
 installed project (``make venv`` installs it in editable mode) or from PYTHONPATH.
 S3 credentials come from fsspec's own configuration (the FSSPEC_S3 environment
@@ -22,7 +24,7 @@ from pyspark.sql import SparkSession
 
 from stages.dedup import run
 from stages.dedup.inputs import DedupInputError
-from stages.dedup.settings import BAD_FILES, LONG_CAPTIONS, DedupSettings, RowPolicy
+from stages.dedup.settings import BAD_FILES, CHANGED_RAW_FILES, LONG_CAPTIONS, DedupSettings, RowPolicy
 from stages.layout import DEDUP_MARKER
 
 log = logging.getLogger("stages.dedup.job")  # not __name__: that is "__main__" under spark-submit
@@ -42,12 +44,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--long-captions", choices=LONG_CAPTIONS, default=defaults.long_captions)
     parser.add_argument("--bad-files", choices=BAD_FILES, default=defaults.bad_files,
                         help="a file that is not CSV/parquet or has no URL column: fail, or move it aside")
+    parser.add_argument("--changed-raw-files", choices=CHANGED_RAW_FILES, default=DedupSettings().changed_raw_files,
+                        help="a raw file of an earlier batch that now holds other bytes: fail, or a new batch")
     return parser.parse_args(argv)
 
 
 def settings_of(args: argparse.Namespace) -> DedupSettings:
     policy = RowPolicy(max_caption_length=args.max_caption_length, long_captions=args.long_captions, bad_files=args.bad_files)
-    return DedupSettings(dedup_partitions=args.partitions, policy=policy)
+    return DedupSettings(dedup_partitions=args.partitions, policy=policy, changed_raw_files=args.changed_raw_files)
 
 
 def _positive_int(text: str) -> int:

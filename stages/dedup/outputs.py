@@ -1,5 +1,5 @@
-"""The dedup's output folder: parts written in a work folder, published under stable names,
-and the completion marker that records what they were made from.
+"""The dedup's output folder: a batch's parts and keys written in a work folder, published
+under stable names, and the completion marker that records every batch.
 
 No Spark here: the operator asks :func:`current_output` before deciding to submit.
 """
@@ -9,11 +9,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import posixpath
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,8 +23,8 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from stages import storage
-from stages.dedup.inputs import REJECTED_DIR, input_fingerprint, list_input_files
-from stages.dedup.settings import DedupSettings
+from stages.dedup.batches import KEYS_DIR, plan_batch
+from stages.dedup.inputs import REJECTED_DIR, list_input_files
 from stages.layout import DEDUP_MARKER, Marker
 
 if TYPE_CHECKING:
@@ -41,47 +41,25 @@ def marker(output_url: str) -> Marker:
     return Marker(storage.join(output_url, DEDUP_MARKER))
 
 
-def made_from(listing: Sequence[tuple[str, int]], settings: DedupSettings, seed: int) -> dict[str, Any]:
-    """What an output records it was made from: the same again makes the same parts."""
-    return {
-        "input_fingerprint": input_fingerprint(listing),
-        "partitions": settings.dedup_partitions,
-        "seed": seed,
-        "policy": asdict(settings.policy),
-    }
-
-
-def current_output(
-    input_url: str,
-    done: Marker,
-    settings: DedupSettings,
-    seed: int,
-    listing: Sequence[tuple[str, int]] | None = None,
-) -> dict[str, Any] | None:
-    """The stats recorded by ``done`` when its output was made from exactly the files under
-    ``input_url`` (``listing``, when already listed) and these settings, else None."""
-    if listing is None:
-        fs, root = fsspec.core.url_to_fs(input_url)
-        listing = list_input_files(fs, root, input_url)
-    inputs = made_from(listing, settings, seed)
-    stats = done.done_with(inputs)
-    if stats is None:
-        if storage.exists(done.url):
-            log.info("Redoing dedup: %s was made from other input or settings", done.url)
+def current_output(input_url: str, done: Marker, changed_raw_files: str = "fail") -> dict[str, Any] | None:
+    """The stats recorded by ``done`` when every raw file under ``input_url`` is already in
+    a batch of the dataset (nothing to do), else None. A recorded file that changed is a
+    :class:`~stages.dedup.inputs.DedupInputError` (see :func:`~stages.dedup.batches.plan_batch`)."""
+    fs, root = fsspec.core.url_to_fs(input_url)
+    plan = plan_batch(fs, root, input_url, done.read(), list_input_files(fs, root, input_url), changed_raw_files)
+    if plan.new_files:
         return None
-    log.info(
-        "Skipping dedup: %s already records input fingerprint %s, %d partitions, seed %d",
-        done.url, inputs["input_fingerprint"][:12], settings.dedup_partitions, seed,
-    )  # fmt: skip
-    return stats
+    log.info("Skipping dedup: every raw file under %s is in one of the %d batches of %s", input_url, len(plan.earlier["batches"]), done.url)
+    return plan.earlier
 
 
 def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def write_parts(rows: DataFrame, work_dir: str, partitions: int) -> list[str]:
-    """Write `rows` under `work_dir`; return exactly `partitions` local files, part 0 first.
+def write_parts(rows: DataFrame, work_dir: str, partitions: int, first: int = 0) -> list[str]:
+    """Write `rows` under `work_dir`; return exactly `partitions` local files, numbered from
+    ``first`` (part-<first> first).
 
     Spark writes no file for an empty partition, so those get an empty table with the schema.
     """
@@ -98,7 +76,7 @@ def write_parts(rows: DataFrame, work_dir: str, partitions: int) -> list[str]:
     schema = pq.read_schema(next(iter(written.values())))
     parts = []
     for index in range(partitions):
-        part = os.path.join(work_dir, part_name(index))
+        part = os.path.join(work_dir, part_name(first + index))
         if index in written:
             os.replace(written[index], part)
         else:
@@ -117,21 +95,70 @@ def write_rejected_sample(sample: pandas.DataFrame, work_dir: str) -> str:
     return path
 
 
-def publish(out_fs: AbstractFileSystem, out_root: str, parts: Sequence[str], rejected_sample: str, done: Marker) -> None:
-    """Move (local) or upload (remote) the parts to their stable names and drop stale ones."""
-    done.clear()  # the output is incomplete until the new marker lands
+def write_keys(keys: DataFrame, work_dir: str) -> list[str]:
+    """Write a batch's row keys under ``work_dir``; the local files, in name order."""
+    spark_dir = os.path.join(work_dir, "keys")
+    keys.write.parquet("file://" + os.path.abspath(spark_dir))
+    return [str(path) for path in sorted(Path(spark_dir).glob("part-*.parquet"))]
+
+
+@contextlib.contextmanager
+def local_keys(out_fs: AbstractFileSystem, out_root: str, folders: Sequence[str]) -> Iterator[list[str]]:
+    """Local paths of every key file in ``folders`` (names under ``out_root``), for Spark:
+    the files themselves when local, else a temporary copy."""
+    remote = [f for folder in folders for f in sorted(out_fs.glob(f"{out_root}/{folder}/*.parquet"))]
+    if isinstance(out_fs, LocalFileSystem):
+        yield remote
+        return
+    staging = tempfile.mkdtemp(prefix="dedup-keys-")
+    try:
+        local = []
+        for i, path in enumerate(remote):
+            local.append(os.path.join(staging, f"{i:06d}.parquet"))
+            out_fs.get_file(path, local[-1])
+        yield local
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish(
+    out_fs: AbstractFileSystem,
+    out_root: str,
+    parts: Sequence[str],
+    keys: Sequence[str],
+    key_folder: str,
+    rejected_sample: str | None,
+    *,
+    fresh: bool,
+) -> None:
+    """Move (local) or upload (remote) a batch's parts and keys to their stable names.
+
+    Earlier batches' files are left as they are; a ``fresh`` dataset (the first batch) drops
+    every other part. Files of a batch that was never recorded (a killed run) have the
+    same names as the rerun's, which replaces them.
+    """
     out_fs.makedirs(f"{out_root}/{REJECTED_DIR}", exist_ok=True)
+    keys_root = f"{out_root}/{key_folder}"
+    if out_fs.exists(keys_root):
+        out_fs.rm(keys_root, recursive=True)
+    out_fs.makedirs(keys_root, exist_ok=True)
     moves = [(part, f"{out_root}/{Path(part).name}") for part in parts]
-    moves.append((rejected_sample, f"{out_root}/{REJECTED_DIR}/{Path(rejected_sample).name}"))
+    moves += [(key, f"{keys_root}/part-{i:05d}.parquet") for i, key in enumerate(keys)]
+    if rejected_sample is not None:  # the latest batch's sample of rejected rows
+        moves.append((rejected_sample, f"{out_root}/{REJECTED_DIR}/{Path(rejected_sample).name}"))
     for local, destination in moves:
         if isinstance(out_fs, LocalFileSystem):
             os.replace(local, destination)
         else:
             out_fs.put_file(local, destination)
-    names = {Path(part).name for part in parts}
-    for stale in out_fs.glob(f"{out_root}/part-*.parquet"):
-        if Path(stale).name not in names:
-            out_fs.rm_file(stale)
+    if fresh:
+        names = {Path(part).name for part in parts}
+        for stale in out_fs.glob(f"{out_root}/part-*.parquet"):
+            if Path(stale).name not in names:
+                out_fs.rm_file(stale)
+        for stale in out_fs.glob(f"{out_root}/{KEYS_DIR}/*"):
+            if posixpath.basename(stale) != posixpath.basename(key_folder):
+                out_fs.rm(stale, recursive=True)
 
 
 @contextlib.contextmanager

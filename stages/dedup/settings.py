@@ -8,6 +8,7 @@ from stages.settings import setting
 
 LONG_CAPTIONS = ("truncate", "reject")
 BAD_FILES = ("fail", "skip")
+CHANGED_RAW_FILES = ("fail", "new_batch")
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,22 @@ class RowPolicy:
 
 @dataclass(frozen=True)
 class DedupSettings:
-    """How many parts the dedup writes, and its row policy."""
+    """How many parts each batch's dedup writes, its row policy, and what a changed raw file means.
 
-    dedup_partitions: int = setting(4, type="integer", minimum=1, maximum=100000)
+    Settings apply to the batch being deduplicated; earlier batches keep what they were made with.
+    """
+
+    dedup_partitions: int = setting(
+        4, type="integer", minimum=1, maximum=100000, description="Parts each new batch of raw files is written as."
+    )
     policy: RowPolicy = field(default_factory=RowPolicy)
+    changed_raw_files: str = setting(
+        "fail", type="string", enum=list(CHANGED_RAW_FILES),
+        description="A raw file deduplicated before that now holds other bytes: fail naming it, or add its new content as a new batch.",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.dedup_partitions < 1:
             raise ValueError(f"dedup_partitions must be at least 1, got {self.dedup_partitions}")
+        if self.changed_raw_files not in CHANGED_RAW_FILES:
+            raise ValueError(f"changed_raw_files must be 'fail' or 'new_batch', got {self.changed_raw_files!r}")

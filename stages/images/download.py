@@ -15,7 +15,7 @@ from stages import storage
 from stages.errors import InputError
 from stages.images.parts import RETRY_SHARD_BASE, SHARD_ID_DIGITS, claim_folder, first_shard_id, record_settings
 from stages.images.safe_fetch import FetchPolicy
-from stages.images.shards import summarize_shards
+from stages.images.shards import finished_shard_ids, summarize_shards
 from stages.processes import spawn_without_main
 from stages.settings import setting
 
@@ -58,7 +58,8 @@ def download_part(part_url: str, output_folder: str, settings: DownloadSettings,
     so a cleared task redoes only unfinished shards. Shards made from another version of
     the dedup output (``dedup_version``) hold other rows: they are removed first, never
     mixed in. A full disk raises :class:`~stages.storage.DiskFullError` naming
-    ``output_folder``; the shards finished before it are kept for the rerun.
+    ``output_folder``; the shards finished before it are kept for the rerun. ``complete``
+    in the numbers says whether every shard of the part is finished.
     """
     started = time.monotonic()
     shards = math.ceil(_parquet_rows(part_url) / settings.number_sample_per_shard)
@@ -72,6 +73,8 @@ def download_part(part_url: str, output_folder: str, settings: DownloadSettings,
         record_settings(output_folder, {k: getattr(settings, k) for k in IMAGE_SETTINGS})
     run_img2dataset(part_url, output_folder, settings, first_shard_id(part_url))
     numbers = summarize_shards(output_folder)
+    wanted = set(range(first_shard_id(part_url), first_shard_id(part_url) + shards))
+    numbers["complete"] = wanted <= finished_shard_ids(output_folder)
     numbers["seconds"] = round(time.monotonic() - started, 3)
     numbers["settings"] = {k: v for k, v in asdict(settings).items() if k != "fetch_policy"}
     return numbers

@@ -10,7 +10,8 @@ part's own shards take the first half of the range; retries of failed samples
     images/<part>/0000300000.tar ...    the part's shards (img2dataset's)
     images/<part>/_dedup_version.txt    the dedup output the shards were made from
     images/<part>/_partial/             shards being written (moved into place when complete)
-    images/<part>/_state/               the recorded image settings, retry batches
+    images/<part>/_state/               the recorded image settings, retry batches, the
+                                        download marker (_done-<version>.json)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from fsspec.core import url_to_fs
 
 from stages import storage
+from stages.layout import STATE_DIR  # the part's files that are not shards: img2dataset does not read it
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +36,6 @@ RETRY_OF, RETRY_REASON = "retry_of", "retry_reason"
 # Not *.json: img2dataset reads every *.json in its output folder as a finished shard.
 VERSION_FILE = "_dedup_version.txt"
 PARTIAL_DIR = "_partial"
-# The part's files that are not shards live in a subfolder img2dataset does not read.
-STATE_DIR = "_state"
 SETTINGS_FILE = "download_settings.json"  # what a retry of failed samples must reuse
 
 

@@ -62,7 +62,7 @@ def dag(bag):
 
 def test_parses_without_errors(probe: dict) -> None:
     assert probe["errors"] == {}
-    assert probe["dags"] == ["laion_pipeline", "laion_retry_failed"]
+    assert probe["dags"] == ["laion_pipeline", "laion_remove_batch", "laion_retry_failed"]
 
 
 def test_parsing_connects_to_nothing_and_starts_no_process(probe: dict) -> None:

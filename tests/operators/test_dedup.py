@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from fsspec.implementations.local import LocalFileSystem
 
 from operators.dedup import DEDUP_JOB, DedupOperator, dedup_job_args, rejection
 from operators.params import params_of, templates_of
-from stages.dedup.outputs import made_from
+from stages.dedup.batches import BatchPlan, modified, record_batch
 from stages.dedup.settings import DedupSettings, RowPolicy
 from stages.layout import RunLayout
 
@@ -24,6 +25,7 @@ def test_the_trigger_form_keeps_its_names_and_defaults() -> None:
         "max_caption_length": (4096, {"type": "integer", "minimum": 1}),
         "long_captions": ("truncate", {"type": "string", "enum": ["truncate", "reject"]}),
         "bad_files": ("fail", {"type": "string", "enum": ["fail", "skip"]}),
+        "changed_raw_files": ("fail", {"type": "string", "enum": ["fail", "new_batch"]}),
     }
     assert params["bad_files"].description.startswith("A raw file that is not CSV/parquet or has no URL column")
 
@@ -38,6 +40,7 @@ def test_job_args() -> None:
         "--max-caption-length", "300",
         "--long-captions", "reject",
         "--bad-files", "skip",
+        "--changed-raw-files", "fail",
     ]  # fmt: skip
 
 
@@ -47,26 +50,30 @@ def test_settings_come_from_the_rendered_params(tmp_path: Path) -> None:
     with DAG("dedup_settings", schedule=None, params=params_of(DedupSettings), render_template_as_native_obj=True) as dag:
         operator = DedupOperator(task_id="dedup", output_root=str(tmp_path), settings=templates_of(DedupSettings))
     assert operator.application == DEDUP_JOB and Path(DEDUP_JOB).is_file()
-    params = {"dedup_partitions": 7, "max_caption_length": 100, "long_captions": "reject", "bad_files": "skip"}
+    params = {"dedup_partitions": 7, "max_caption_length": 100, "long_captions": "reject", "bad_files": "skip", "changed_raw_files": "new_batch"}
     operator.render_template_fields({"params": params}, jinja_env=dag.get_template_env())
-    assert operator.stage_settings() == DedupSettings(7, RowPolicy(max_caption_length=100, long_captions="reject", bad_files="skip"))
+    assert operator.stage_settings() == DedupSettings(
+        7, RowPolicy(max_caption_length=100, long_captions="reject", bad_files="skip"), changed_raw_files="new_batch"
+    )
 
 
 def test_a_current_output_is_not_submitted_again(tmp_path: Path) -> None:
+    """Every raw file is in a recorded batch: nothing is submitted, the numbers are the dataset's."""
     layout = RunLayout(str(tmp_path))
     Path(layout.raw).mkdir()
     (Path(layout.raw) / "a.csv").write_text("URL,TEXT\nhttp://x.org/a.jpg,a\n")
-    settings = DedupSettings(dedup_partitions=2)
-    listing = [("a.csv", (Path(layout.raw) / "a.csv").stat().st_size)]
-    recorded = {"rows_in": 1, "rows_out": 1, "parts": ["part-00000.parquet", "part-00001.parquet"], "seconds": 2.5,
-                "files": [{"name": "a.csv", "rows": 1}]}  # fmt: skip
-    layout.dedup_marker.mark_done(made_from(listing, settings, seed=0), recorded)
+    plan = BatchPlan(None, [("a.csv", (Path(layout.raw) / "a.csv").stat().st_size)], 0, 0, [])
+    numbers = {"rows_in": 1, "rows_invalid": 0, "captions_truncated": 0, "duplicates_of_earlier_batches": 0, "rows_out": 1,
+               "parts": ["part-00000.parquet", "part-00001.parquet"], "files_rejected": [], "seconds": 2.5}  # fmt: skip
+    files = [{"name": "a.csv", "size": plan.new_files[0][1], "modified": modified(LocalFileSystem(), f"{layout.raw}/a.csv")}]
+    layout.dedup_marker.mark_done({}, record_batch(plan, numbers, files, DedupSettings(dedup_partitions=2), seed=0))
     # No such connection: a submission would fail.
     operator = DedupOperator(task_id="dedup", output_root=str(tmp_path), settings={"dedup_partitions": 2}, conn_id="no_spark_here")
     numbers = operator.execute(context={})
     assert {k: v for k, v in numbers.items() if k not in ("started_at", "ended_at", "seconds")} == {
-        "rows_in": 1, "rows_out": 1, "parts": ["part-00000.parquet", "part-00001.parquet"], "job_seconds": 2.5,
-        "input_fingerprint": made_from(listing, settings, seed=0)["input_fingerprint"], "partitions": 2, "seed": 0,
+        "rows_in": 1, "rows_invalid": 0, "rows_invalid_by_reason": {}, "captions_truncated": 0, "duplicates_of_earlier_batches": 0,
+        "rows_out": 1, "parts": ["part-00000.parquet", "part-00001.parquet"], "partitions": 2, "files_rejected": [],
+        "batches": 1, "added_batch": None, "job_seconds": None,
     }  # fmt: skip
     assert numbers["seconds"] == round(numbers["ended_at"] - numbers["started_at"], 3)  # the task's own span
 

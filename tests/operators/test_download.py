@@ -69,9 +69,18 @@ def test_part_arguments_come_from_the_layout(root: str) -> None:
     assert settings.timeout == 7
 
 
-def test_list_parts_returns_the_current_dedup_parts(tmp_path: Path) -> None:
+def test_list_parts_returns_the_parts_not_yet_downloaded(tmp_path: Path) -> None:
+    """Parts of earlier batches, downloaded, get no task; a retry looks at every part."""
     layout = RunLayout(str(tmp_path))
-    parts = ["part-00000.parquet", "part-00001.parquet"]
-    layout.dedup_marker.mark_done({"input_fingerprint": "f", "partitions": 2}, {"parts": parts})
-    listed = ListPartsOperator(task_id="list_dedup_parts", output_root=str(tmp_path)).run(context={})
-    assert listed == {"parts": ["part-00000", "part-00001"]}
+    batches = [
+        {"batch": 0, "version": "v0", "parts": ["part-00000.parquet", "part-00001.parquet"]},
+        {"batch": 1, "version": "v1", "parts": ["part-00002.parquet"]},
+    ]
+    layout.dedup_marker.mark_done({}, {"parts": [p for b in batches for p in b["parts"]], "batches": batches})
+    listed = ListPartsOperator(task_id="list_dedup_parts", output_root=str(tmp_path))
+    assert listed.run(context={}) == {"parts": ["part-00000", "part-00001", "part-00002"]}
+    layout.download_marker("part-00000", "v0").mark_done({"dedup_version": "v0"}, {})
+    layout.download_marker("part-00001", "v-other").mark_done({"dedup_version": "v-other"}, {})  # rows of another version
+    assert listed.run(context={}) == {"parts": ["part-00001", "part-00002"]}
+    every = ListPartsOperator(task_id="list_dedup_parts", output_root=str(tmp_path), pending_only=False)
+    assert every.run(context={}) == {"parts": ["part-00000", "part-00001", "part-00002"]}

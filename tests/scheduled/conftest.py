@@ -1,6 +1,11 @@
 """Airflow as it runs for users: scheduler, dag-processor and api-server as separate
-processes (LocalExecutor, SQLite), in a fresh AIRFLOW_HOME, with StatsD metrics sent to a
+processes (LocalExecutor, PostgreSQL), in a fresh AIRFLOW_HOME, with StatsD metrics sent to a
 UDP listener on 127.0.0.1.
+
+PostgreSQL, not SQLite: with a scheduler, a dag-processor, an api-server and the CLI writing
+one SQLite file, a write that starts inside a read transaction (as ``airflow backfill
+create`` does) can fail at once with "database is locked" whatever the busy timeout, since
+SQLite refuses a lock upgrade that could deadlock.
 
 ``dag.test()`` neither retries failed tasks nor runs backfills; these tests need the real
 scheduler for both.
@@ -11,9 +16,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -23,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from cluster.loopback import start_postgres
+from cluster.processes import ProcessGroup
 
 REPO = Path(__file__).resolve().parents[2]
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
@@ -86,26 +94,35 @@ class StatsdListener:
 class AirflowServices:
     """The running processes and what a test needs to drive them."""
 
-    def __init__(self, home: Path, env: dict[str, str], statsd: StatsdListener) -> None:
+    def __init__(self, home: Path, env: dict[str, str], statsd: StatsdListener, database: dict[str, Any]) -> None:
         self.home = home
         self.env = env
         self.statsd = statsd
+        self.database = database  # psycopg2.connect's arguments
         self.processes: list[subprocess.Popen] = []
 
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
         return subprocess.run([AIRFLOW, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def query(self, sql: str, *params: Any) -> list[tuple]:
-        with sqlite3.connect(self.home / "airflow.db", timeout=30) as db:
-            return db.execute(sql, params).fetchall()
+        """Rows of ``sql`` (``%s`` placeholders) on Airflow's database."""
+        import psycopg2
+
+        db = psycopg2.connect(**self.database)
+        try:
+            with db, db.cursor() as cursor:
+                cursor.execute(sql, params)
+                return cursor.fetchall()
+        finally:
+            db.close()
 
     def runs(self, dag_id: str) -> list[dict[str, Any]]:
-        rows = self.query("SELECT run_id, state, run_type, logical_date, conf FROM dag_run WHERE dag_id = ? ORDER BY logical_date", dag_id)
+        rows = self.query("SELECT run_id, state, run_type, logical_date, conf FROM dag_run WHERE dag_id = %s ORDER BY logical_date", dag_id)
         return [dict(zip(("run_id", "state", "run_type", "logical_date", "conf"), row)) for row in rows]
 
     def task_tries(self, dag_id: str, run_id: str) -> dict[str, tuple[str, int]]:
         rows = self.query(
-            "SELECT task_id, map_index, state, try_number FROM task_instance WHERE dag_id = ? AND run_id = ?", dag_id, run_id
+            "SELECT task_id, map_index, state, try_number FROM task_instance WHERE dag_id = %s AND run_id = %s", dag_id, run_id
         )
         return {f"{t}[{m}]" if m >= 0 else t: (s, n) for t, m, s, n in rows}
 
@@ -139,10 +156,10 @@ class AirflowServices:
     def wait_for_run(self, run_id: str, state: str, timeout: float) -> None:
         """Wait until the run ``run_id`` is in ``state``; fails on a dead Airflow process."""
         deadline = time.monotonic() + timeout
-        while (found := self.query("SELECT state FROM dag_run WHERE run_id = ?", run_id)) != [(state,)]:
+        while (found := self.query("SELECT state FROM dag_run WHERE run_id = %s", run_id)) != [(state,)]:
             dead = [p.args for p in self.processes if p.poll() is not None]
             assert not dead, f"Airflow processes exited: {dead}; see {TEST_OUTPUT}"
-            assert time.monotonic() < deadline, (found, self.query("SELECT task_id, map_index, state, try_number FROM task_instance WHERE run_id = ?", run_id))
+            assert time.monotonic() < deadline, (found, self.query("SELECT task_id, map_index, state, try_number FROM task_instance WHERE run_id = %s", run_id))
             time.sleep(1)
 
 
@@ -159,45 +176,53 @@ class OutageProxy:
 
     The S3 stand-in (moto) keeps its data in memory, so stopping its process would lose the
     bucket -- unlike S3 or MinIO, whose data survive an outage. The outage is made here
-    instead: while down, the endpoint refuses connections and open ones are cut.
+    instead: while down, every connection is cut as soon as it is accepted, and open ones
+    are cut. The listening socket stays bound throughout: closed, its port (an ephemeral
+    one) could be taken by any outgoing connection of the machine before it is bound again.
     """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.port = free_port()
         self._lock = threading.Lock()
         self._open: list[socket.socket] = []
-        self._listener: socket.socket | None = None
-        self.up()
+        self._down = False
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
 
     def up(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        with self._lock:
+            self._down = False
 
     def down(self) -> None:
         with self._lock:
-            listener, self._listener = self._listener, None
+            self._down = True
             cut, self._open = self._open, []
-        if listener is not None:
-            listener.close()
         for conn in cut:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            conn.close()
+            _cut(conn)
 
-    def _accept(self, listener: socket.socket) -> None:
+    def close(self) -> None:
+        self.down()
+        self._listener.close()
+
+    def _accept(self) -> None:
         while True:
             try:
-                client, _ = listener.accept()
+                client, _ = self._listener.accept()
             except OSError:
-                return  # closed: the endpoint is down
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+                return  # closed
+            with self._lock:
+                down = self._down
+            if down:
+                _cut(client)
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                _cut(client)
+                continue
             with self._lock:
                 self._open += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
@@ -236,13 +261,13 @@ def s3_outage() -> Iterator[OutageProxy]:
     ).create_bucket(Bucket=S3_BUCKET)  # fmt: skip
     proxy = OutageProxy(moto_port)
     yield proxy
-    proxy.down()
+    proxy.close()
     server.stop()
 
 
 @pytest.fixture(scope="session")
 def airflow_services(tmp_path_factory: pytest.TempPathFactory, s3_outage: OutageProxy) -> Iterator[AirflowServices]:
-    """Scheduler, dag-processor and api-server over a fresh SQLite database.
+    """Scheduler, dag-processor and api-server over a fresh PostgreSQL database.
 
     Deployment settings for laion_pipeline come from the environment, as in production:
     ``LAION_SCHEDULE=@daily`` (a schedule is what backfills need) over the dates
@@ -251,13 +276,19 @@ def airflow_services(tmp_path_factory: pytest.TempPathFactory, s3_outage: Outage
     """
     home = tmp_path_factory.mktemp("scheduled-airflow")
     port = free_port()
+    TEST_OUTPUT.mkdir(exist_ok=True)
+    postgres = ProcessGroup(TEST_OUTPUT)
+    database = {"host": "127.0.0.1", "port": free_port(), "user": "airflow", "password": secrets.token_hex(16), "dbname": "airflow"}
+    pg_data = start_postgres(
+        postgres, {**os.environ, "POSTGRES_USER": database["user"], "POSTGRES_PASSWORD": database["password"], "POSTGRES_DB": database["dbname"]},
+        database["port"],
+    )  # fmt: skip
     statsd = StatsdListener()
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        # Scheduler, dag-processor, api-server and the CLI write to one SQLite file: wait for the lock.
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db?timeout=60",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://{user}:{password}@{host}:{port}/{dbname}".format(**database),
         "AIRFLOW__CORE__PARALLELISM": "4",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         "AIRFLOW__API__HOST": "127.0.0.1",
@@ -285,15 +316,15 @@ def airflow_services(tmp_path_factory: pytest.TempPathFactory, s3_outage: Outage
         "LAION_TASK_RETRIES": "4",
         "LAION_DOWNLOAD_SLOTS": "2",
     }
-    services = AirflowServices(home, env, statsd)
-    setup = subprocess.run([sys.executable, str(REPO / "scripts" / "setup_airflow.py")], env=env, capture_output=True, text=True, timeout=600)
-    assert setup.returncode == 0, setup.stderr[-3000:]
+    services = AirflowServices(home, env, statsd, database)
     try:
+        setup = subprocess.run([sys.executable, str(REPO / "scripts" / "setup_airflow.py")], env=env, capture_output=True, text=True, timeout=600)
+        assert setup.returncode == 0, setup.stderr[-3000:]
         _start(services, "api-server", "api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1")
         _start(services, "scheduler", "scheduler")
         _start(services, "dag-processor", "dag-processor")
         deadline = time.monotonic() + 180
-        while not services.query("SELECT dag_id FROM dag WHERE dag_id = 'laion_pipeline'") if (home / "airflow.db").exists() else True:
+        while not services.query("SELECT dag_id FROM dag WHERE dag_id = 'laion_pipeline'"):
             assert time.monotonic() < deadline, f"laion_pipeline was not parsed; see {TEST_OUTPUT}"
             assert all(p.poll() is None for p in services.processes), f"an Airflow process exited; see {TEST_OUTPUT}"
             time.sleep(1)
@@ -311,6 +342,16 @@ def airflow_services(tmp_path_factory: pytest.TempPathFactory, s3_outage: Outage
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         statsd.close()
+        postgres.stop_all()
+        shutil.rmtree(pg_data, ignore_errors=True)
+
+
+def _cut(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    conn.close()
 
 
 def _write_csv(path: Path, rows: list[list[str]]) -> None:

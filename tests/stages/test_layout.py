@@ -17,7 +17,8 @@ from stages.layout import Marker, RunLayout, shard_location
 def make_run(root: str) -> RunLayout:
     """Two current parts with finished and unfinished shards, and a folder of an old part."""
     layout = RunLayout(root)
-    layout.dedup_marker.mark_done({"input_fingerprint": "f", "partitions": 2, "seed": 0}, {"parts": ["part-00000.parquet", "part-00001.parquet"]})
+    batches = [{"batch": 0, "version": "v0", "parts": ["part-00000.parquet"]}, {"batch": 3, "version": "v3", "parts": ["part-00001.parquet"]}]
+    layout.dedup_marker.mark_done({}, {"parts": ["part-00000.parquet", "part-00001.parquet"], "batches": batches})
     files = {
         "images/part-00000/0000000000.tar": "t", "images/part-00000/0000000000_stats.json": "{}",
         "images/part-00000/0000000001.tar": "t",  # no stats yet: unfinished
@@ -33,7 +34,14 @@ def make_run(root: str) -> RunLayout:
 
 def check_run(layout: RunLayout, root: str) -> None:
     assert layout.current_parts() == ["part-00000", "part-00001"]
-    assert layout.dedup_version() == "f-p2-s0"
+    assert (layout.part_version("part-00000"), layout.part_version("part-00001")) == ("v0", "v3")
+    with pytest.raises(ValueError, match="part-00007 is not a part of the dataset"):
+        layout.part_version("part-00007")
+    assert (layout.batch_parts(), layout.batch_parts(0)) == (["part-00001"], ["part-00000"])
+    assert layout.pending_parts() == ["part-00000", "part-00001"]
+    layout.download_marker("part-00001", "v3").mark_done({"dedup_version": "v3"}, {})
+    assert layout.pending_parts() == ["part-00000"]
+    layout.download_marker("part-00001", "v3").clear()
     assert layout.current_shards() == [
         storage.join(root, "images", "part-00000", "0000000000.tar"),
         storage.join(root, "images", "part-00001", "0000100001.tar"),

@@ -45,19 +45,25 @@ def test_stats_count_every_row(raw: Path, deduped: tuple[Path, dict[str, Any]]) 
     }  # fmt: skip
     assert stats["rows_invalid_by_reason"] == {"missing_caption": 2, "missing_url": 2, "non_http_url": 2}
     assert stats["parts"] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
-    assert stats["files"] == [
-        {"name": "a.csv", "rows": 6, "format": "csv", "delimiter": "|"},
-        {"name": "b.csv.gz", "rows": 4, "format": "csv", "delimiter": ","},
-        {"name": "c.tsv", "rows": 3, "format": "csv", "delimiter": "\t"},
-        {"name": "d.parquet", "rows": 3, "format": "parquet", "delimiter": None},
+    files = [{k: f[k] for k in ("name", "rows", "format", "delimiter", "size", "batch")} for f in stats["files"]]
+    assert files == [
+        {"name": "a.csv", "rows": 6, "format": "csv", "delimiter": "|", "size": listing[0][1], "batch": 0},
+        {"name": "b.csv.gz", "rows": 4, "format": "csv", "delimiter": ",", "size": listing[1][1], "batch": 0},
+        {"name": "c.tsv", "rows": 3, "format": "csv", "delimiter": "\t", "size": listing[2][1], "batch": 0},
+        {"name": "d.parquet", "rows": 3, "format": "parquet", "delimiter": None, "size": listing[3][1], "batch": 0},
     ]
+    assert all(f["sha256"] == hashlib.sha256((raw / f["name"]).read_bytes()).hexdigest() for f in stats["files"])
     assert stats["input_fingerprint"] == hashlib.sha256(json.dumps(listing).encode()).hexdigest()
-    assert isinstance(stats["seconds"], float)  # recorded; its value is for make bench
+    [batch] = stats["batches"]
+    assert {k: batch[k] for k in ("batch", "rows_in", "rows_invalid", "rows_out", "duplicates_of_earlier_batches")} == {
+        "batch": 0, "rows_in": 16, "rows_invalid": 6, "rows_out": 7, "duplicates_of_earlier_batches": 0,
+    }  # fmt: skip
+    assert isinstance(batch["seconds"], float)  # recorded; its value is for make bench
 
 
 def test_output_is_exactly_n_parts_with_the_reference_schema(deduped: tuple[Path, dict[str, Any]]) -> None:
     output, stats = deduped
-    assert sorted(path.name for path in output.iterdir()) == ["_rejected", DEDUP_MARKER, *stats["parts"]]
+    assert sorted(path.name for path in output.iterdir()) == ["_rejected", DEDUP_MARKER, "keys", *stats["parts"]]
     for name in stats["parts"]:
         assert column_types(output / name) == REFERENCE_COLUMNS
 
@@ -144,7 +150,7 @@ def test_s3_input_and_output(spark: SparkSession, s3: fsspec.AbstractFileSystem,
     stats = dedup.run(spark, "s3://laion/raw", "s3://laion/dedup", settings(2))
     s3.invalidate_cache()
     assert sorted(s3.ls("laion/dedup")) == [
-        "laion/dedup/_rejected", f"laion/dedup/{DEDUP_MARKER}", *(f"laion/dedup/{p}" for p in stats["parts"])
+        "laion/dedup/_rejected", f"laion/dedup/{DEDUP_MARKER}", "laion/dedup/keys", *(f"laion/dedup/{p}" for p in stats["parts"])
     ]
     assert s3.exists("laion/dedup/_rejected/rejected.parquet")
     assert json.loads(s3.cat_file(f"laion/dedup/{DEDUP_MARKER}")) == stats
