@@ -55,13 +55,14 @@ class RootLock:
         had ended). Waits while a running holder keeps it; :class:`RootBusyError` after
         ``wait_seconds``."""
         deadline = time.monotonic() + wait_seconds
+        took_over = False
         while True:
             found = self.held_by()
             if self._ours(found):
                 return "held"
             if found is None:
                 if self._create():
-                    return "taken"
+                    return "taken over" if took_over else "taken"
                 continue  # another run created it in between: look at who holds it
             if found.get("writing"):
                 time.sleep(0.1)
@@ -69,6 +70,7 @@ class RootLock:
             if not still_running(found):
                 log.warning("Taking over %s: its run %s/%s is no longer running", self.url, found.get("dag_id"), found.get("run_id"))
                 storage.remove(self.url)
+                took_over = True
                 continue
             if time.monotonic() >= deadline:
                 raise RootBusyError(

@@ -137,12 +137,17 @@ class AirflowServices:
             time.sleep(0.2)
         return found
 
-    def wait_for_runs(self, dag_id: str, count: int, timeout: float, run_type: str | None = None) -> list[dict[str, Any]]:
-        """Wait until ``count`` runs of ``dag_id`` (of ``run_type``, if given) have succeeded;
-        fails on a failed run or a dead Airflow process."""
+    def wait_for_runs(
+        self, dag_id: str, count: int, timeout: float, run_type: str | None = None, dates: tuple[str, ...] | None = None
+    ) -> list[dict[str, Any]]:
+        """Wait until ``count`` runs of ``dag_id`` (of ``run_type``, of logical ``dates``
+        "YYYY-MM-DD", if given) have succeeded; fails on a failed run or a dead Airflow process."""
         deadline = time.monotonic() + timeout
         while True:
-            runs = [r for r in self.runs(dag_id) if run_type is None or r["run_type"] == run_type]
+            runs = [
+                r for r in self.runs(dag_id)
+                if (run_type is None or r["run_type"] == run_type) and (dates is None or str(r["logical_date"])[:10] in dates)
+            ]  # fmt: skip
             failed = [r for r in runs if r["state"] == "failed"]
             assert not failed, f"runs failed: {failed}; logs under {self.home / 'logs'}"
             if len([r for r in runs if r["state"] == "success"]) >= count:

@@ -65,3 +65,46 @@ def test_npy_headers_give_rows_and_dim_for_every_format_version(tmp_path: Path) 
     assert count_embeddings(str(tmp_path)) == (6, 2)
     np.testing.assert_array_equal(load_embeddings(str(tmp_path)), vectors)  # name order is index order
     assert count_embeddings(str(tmp_path / "none")) == (0, 0)
+
+
+def test_partitions_hold_one_part_each_and_a_removed_part_takes_its_partitions(tmp_path: Path) -> None:
+    """A batch's parts can be taken out: its partitions' files go, their numbers stay
+    (holding nothing), and the marker counts what remains."""
+    import json
+
+    layout = RunLayout(str(tmp_path))
+    layout.dedup_marker.mark_done({}, {"parts": ["part-00000.parquet"], "batches": [{"batch": 0, "version": "v", "parts": ["part-00000.parquet"]}]})
+    tars = []
+    for part, shards in (("part-00000", 3), ("part-00001", 2)):
+        for i in range(shards):
+            tar = Path(layout.part_images(part)) / f"{int(part[-5:]) * 100_000 + i:010d}.tar"
+            tar.parent.mkdir(parents=True, exist_ok=True)
+            tar.write_bytes(b"t" * 100)
+            (tar.parent / f"{tar.stem}_stats.json").write_text("{}")
+            tars.append(str(tar))
+    plan, _ = extend_plan(None, tars, "m", samples=50, samples_per_partition=10, workers=1)
+    assert [(p["part"], len(p["tars"])) for p in plan["partitions"]] == [("part-00000", 1)] * 3 + [("part-00001", 1)] * 2
+    folder = Path(layout.embeddings)
+    for i in range(len(plan["partitions"])):
+        for sub, suffix in (("img_emb", ".npy"), ("text_emb", ".npy"), ("metadata", ".parquet")):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+            if suffix == ".npy":
+                np.save(folder / sub / f"{sub}_{i:05d}.npy", np.full((2, 4), i, dtype="float32"))
+            else:
+                (folder / sub / f"{sub}_{i:05d}.parquet").write_bytes(b"m")
+        (folder / "_done").mkdir(exist_ok=True)
+        (folder / "_done" / str(i)).write_text("")
+    (folder / "_plan.json").write_text(json.dumps(plan))
+    layout.embeddings_marker.mark_done({"input_fingerprint": fingerprint(tars), "clip_model": "m"}, {"count": 10, "clip_model": "m"})
+
+    from stages.embeddings import drop_parts
+
+    assert drop_parts(layout, {"part-00001"}) == {"partitions_removed": 2, "count": 6}
+    assert sorted(p.name for p in (folder / "img_emb").iterdir()) == [f"img_emb_{i:05d}.npy" for i in range(3)]
+    assert sorted(p.name for p in (folder / "_done").iterdir()) == ["0", "1", "2"]
+    kept = json.loads((folder / "_plan.json").read_text())
+    assert [len(p["tars"]) for p in kept["partitions"]] == [1, 1, 1, 0, 0] and kept["partitions"][3]["removed"]
+    marker = layout.embeddings_marker.read()
+    assert (marker["count"], marker["input_fingerprint"]) == (6, fingerprint(tars[:3]))
+    # The shards that remain, embedded, are current: nothing is computed again.
+    assert compute_embeddings(tars[:3], layout, EmbeddingSettings(clip_model="m"), samples=6)["skipped"] is True
