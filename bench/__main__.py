@@ -19,7 +19,7 @@ from bench.harness import REPO, machine, results_path, write_results
 from bench.sizes import SIZES
 from bench.table import markdown_table
 
-BENCHES = ("download", "dedup", "embeddings", "index", "orchestration", "end_to_end")
+BENCHES = ("download", "dedup", "embeddings", "index", "orchestration", "end_to_end", "growth")
 log = logging.getLogger("bench")
 
 
@@ -42,8 +42,11 @@ def run_one(name: str, size_name: str, work: Path, clip_model: str) -> dict:
     orchestration.ensure_home(work)
     if name == "orchestration":
         return orchestration.run(size, work).as_dict()
-    from bench import end_to_end
-    return end_to_end.run(size, work, clip_model).as_dict()
+    if name == "end_to_end":
+        from bench import end_to_end
+        return end_to_end.run(size, work, clip_model).as_dict()
+    from bench import growth
+    return growth.run(size, work, clip_model).as_dict()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,13 @@ def key_numbers(name: str, bench: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append(("DAG rerun with nothing left to do s", _fmt(m["dag_rerun"]["seconds"])))
         rows.append(("DAG wall outside tasks s / outside stage compute s",
                      f'{_fmt(m["dag"]["outside_tasks_seconds"])} / {_fmt(m["dag"]["outside_own_compute_seconds"])}'))
+    elif name == "growth":
+        grow, rebuild = m["grow"], m["rebuild"]
+        rows.append(("grow s / rebuild s", f'{_fmt(grow["seconds"])} / {_fmt(rebuild["seconds"])}'))
+        rows.append(("grow / rebuild: images downloaded", f'{grow["downloaded"]:,} / {rebuild["downloaded"]:,}'))
+        rows.append(("grow / rebuild: vectors added (index action)",
+                     f'{grow["vectors_added"]:,} ({grow["index_action"]}) / {rebuild["vectors_added"]:,} ({rebuild["index_action"]})'))
+        rows.append(("grow / rebuild: recall@10", f'{grow["recall_at_10"]} / {rebuild["recall_at_10"]}'))
     rows += [(f"ratio {k}", _fmt(v)) for k, v in bench["ratios"].items()]
     return rows
 

@@ -3,13 +3,13 @@ from __future__ import annotations
 from typing import Any
 
 from operators.base import StageOperator
-from stages.index.build import IndexSettings, build_indexes
+from stages.index.build import KINDS, IndexSettings, build_indexes
 from stages.index.search_files import publish_search_files
 
 
 class BuildIndexOperator(StageOperator):
-    """autofaiss indexes over the image and the text embeddings, with measured recall@10,
-    and the files a search service reads beside them.
+    """autofaiss indexes over the image and the text embeddings, built or grown in place,
+    with measured recall@10, and the files a search service reads beside them.
 
     ``settings``: :class:`stages.index.build.IndexSettings` by field name (templated).
     """
@@ -19,6 +19,13 @@ class BuildIndexOperator(StageOperator):
     def run(self, context: Any) -> dict[str, Any]:
         numbers = build_indexes(self.layout, self.stage_settings())
         numbers["search"] = publish_search_files(self.layout)
-        for name in ("image", "text"):
-            self.log.info("%s index %s: recall@10 %s", name, numbers[name]["index_key"], numbers[name]["recall_at_10"])
-        return {**numbers, **{f"{n}_recall_at_10": numbers[n]["recall_at_10"] for n in ("image", "text")}}
+        for name in KINDS:
+            kind = numbers[name]
+            action = "skipped" if numbers.get("skipped") else kind.get("action")
+            why = f" ({kind['retrain_reason']})" if action == "retrained" else ""
+            self.log.info(
+                "%s index %s: %s%s, %s vectors, recall@10 %s", name, kind["index_key"], action, why, kind["ntotal"], kind["recall_at_10"]
+            )
+            # The XCom names how many npy files the index holds; their list stays in the marker.
+            numbers[name] = {**{k: v for k, v in kind.items() if k != "files"}, "npy_files": len(kind.get("files", {}))}
+        return {**numbers, **{f"{n}_recall_at_10": numbers[n]["recall_at_10"] for n in KINDS}}

@@ -137,11 +137,24 @@ def _indexes(n: dict[str, Any]) -> str:
     return ", ".join(f"{k} {n[k]['index_key']} ({n[k]['ntotal']} vectors, recall@10 {n[k]['recall_at_10']})" for k in ("image", "text"))
 
 
+def _dedup(n: dict[str, Any]) -> str:
+    batch = n.get("added_batch")
+    if batch is None and "batches" in n:
+        return f"no new raw file: {n['rows_out']} unique pairs in {n['batches']} batches"
+    line = f"{n['rows_in']} rows in, {n['rows_invalid']} invalid, {n['rows_out']} unique"
+    if batch and n.get("batches", 1) > 1:
+        line = (
+            f"batch {batch['batch']}: {batch['rows_in']} rows in, {batch['rows_out']} new unique, "
+            f"{batch['duplicates_of_earlier_batches']} already in the dataset; {n['rows_out']} unique in all"
+        )
+    return line
+
+
 # What each stage's XCom return value says in one line.
 DESCRIBE: dict[str, Callable[[Any], str]] = {
     "fetch_metadata": lambda n: f"{n['files_fetched']} files fetched ({_size(n['bytes'])}), {n['files_skipped']} already there",
-    "dedup": lambda n: f"{n['rows_in']} rows in, {n['rows_invalid']} invalid, {n['rows_out']} unique",
-    "list_dedup_parts": lambda parts: f"{len(parts)} parts",
+    "dedup": lambda n: _dedup(n),
+    "list_dedup_parts": lambda parts: f"{len(parts)} parts to download",
     "download_images": lambda n: (
         f"{n['successes']}/{n['count']} downloaded, {n['failed_to_download']} failed to download, "
         f"{n['failed_to_resize']} to resize"

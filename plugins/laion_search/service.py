@@ -2,9 +2,11 @@
 
 Nothing heavy is imported before the first request: a run's index (memory-mapped when its
 type allows), metadata rows and shard readers are loaded on first use and kept. A loaded run
-is checked against its ``index/_SUCCESS.json`` again when build_index emits an event on the
-``laion_index`` Asset, or at the latest every ``LAION_SEARCH_RECHECK_SECONDS`` (runs named by
-LAION_SEARCH_ROOTS may be rebuilt by another Airflow), and reloaded when it changed.
+is checked again when build_index emits an event on the ``laion_index`` Asset, or at the
+latest every ``LAION_SEARCH_RECHECK_SECONDS`` (runs named by LAION_SEARCH_ROOTS may be
+rebuilt by another Airflow), and reloaded when a new publication is complete: an
+``index/_SUCCESS.json`` whose fingerprint ``index/_SEARCH.json`` names. While build_index
+publishes, the loaded run keeps answering.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from laion_search.catalog import Run, RunCatalog
+from laion_search.catalog import Run, RunCatalog, UnknownRun
 from laion_search.encoder import ClipEncoder
 from laion_search.reader import Hit, RunIndex, SampleReader
 from stages import storage
@@ -66,14 +68,31 @@ class LoadedRun:
     index: RunIndex
     samples: SampleReader
     clip_model: str
-    fingerprint: str | None
+    fingerprint: str
     loaded_at: float
-    verified_at: float
+    check_at: float  # when to look for a new publication again (-inf: on next use)
+
+
+class IndexBeingPublished(UnknownRun):
+    """The run's index and search files are being published: no complete pair to load yet."""
 
 
 def index_fingerprint(output_root: str) -> str | None:
-    built = RunLayout(output_root).index_marker.read() or {}
-    return built.get("input_fingerprint")
+    """The fingerprint of the index pair that ``index/_SUCCESS.json`` vouches for."""
+    return (RunLayout(output_root).index_marker.read() or {}).get("input_fingerprint")
+
+
+def named_index_fingerprint(output_root: str) -> str | None:
+    """The index fingerprint that ``index/_SEARCH.json`` names: the search files were written
+    for that index (a small file, unlike the index marker)."""
+    return (RunLayout(output_root).search_marker.read() or {}).get("index_fingerprint")
+
+
+def published_index_fingerprint(output_root: str) -> str | None:
+    """The fingerprint of the run's complete publication: the index marker's, when the search
+    marker names it too; None while build_index publishes (or before it ever did)."""
+    named = named_index_fingerprint(output_root)
+    return named if named is not None and index_fingerprint(output_root) == named else None
 
 
 def latest_index_event_id() -> int | None:
@@ -111,34 +130,66 @@ class SearchService:
         self._watch_index_events()
         with self._lock:
             current = self._runs.get(run.output_root)
-            if current and time.monotonic() - current.verified_at > self.recheck_seconds:
-                if index_fingerprint(run.output_root) == current.fingerprint:
-                    current.verified_at = time.monotonic()
-                else:
-                    log.info("Index of %s changed: reloading it", run.output_root)
+            if current is None or (time.monotonic() >= current.check_at and self._new_publication(current)):
+                try:
+                    fresh = self._runs[run.output_root] = self._load(run)
+                except IndexBeingPublished:
+                    if current is None:
+                        raise
+                    log.info("Index of %s is being published again: answering from the loaded one", run.output_root)
+                    current.check_at = time.monotonic() + self.recheck_seconds  # or on the publication's event
+                    return current
+                if current is not None:
                     self.reloads += 1
-                    current = None
-            if current is None:
-                current = self._runs[run.output_root] = self._load(run)
+                current = fresh
             return current
+
+    def _new_publication(self, current: LoadedRun) -> bool:
+        """Whether a new publication of ``current``'s run is complete (else it is checked
+        again after ``recheck_seconds``, or on the next ``laion_index`` event).
+
+        Until the search marker names the new index, the search files may be half written:
+        the loaded run keeps answering, and the event of build_index's end brings the check
+        that finds the publication complete.
+        """
+        root = current.run.output_root
+        named = named_index_fingerprint(root)
+        if named is not None and named != current.fingerprint and index_fingerprint(root) == named:
+            log.info("Index of %s changed: reloading it", root)
+            return True
+        current.check_at = time.monotonic() + self.recheck_seconds
+        return False
 
     def _load(self, run: Run) -> LoadedRun:
         started = time.monotonic()
         storage.configure_storage(run.output_root, run.storage_conn_id)
-        fingerprint = index_fingerprint(run.output_root)
+        fingerprint = self._published(run)
         index = RunIndex(run.output_root)
         index.index, index.rows  # noqa: B018 - load now, under the lock, not in the first query
         marker = index.layout.embeddings_marker
         embeddings = marker.read()
         if embeddings is None:  # its clip_model names the model that queries must be encoded with
             raise FileNotFoundError(f"{marker.url} does not exist: the CLIP model of run {run.run_id} is unknown")
+        if self._published(run) != fingerprint:  # a publication began while the files were read
+            raise IndexBeingPublished(f"the index of run {run.run_id} changed while it was loaded: try again once build_index has finished")
         log.info(
             "Loaded %s: %d vectors (%s) in %.2f s",
             run.output_root, index.index.ntotal, "memory-mapped" if index.memory_mapped else "in memory",
             time.monotonic() - started,
         )
         now = time.monotonic()
-        return LoadedRun(run, index, SampleReader(run.output_root), embeddings["clip_model"], fingerprint, now, now)
+        return LoadedRun(run, index, SampleReader(run.output_root), embeddings["clip_model"], fingerprint, now, now + self.recheck_seconds)
+
+    @staticmethod
+    def _published(run: Run) -> str:
+        fingerprint = published_index_fingerprint(run.output_root)
+        if fingerprint is None:
+            raise IndexBeingPublished(
+                f"run {run.run_id} has no complete index publication under {run.output_root}: build_index is publishing "
+                f"one (try again once it has finished), or wrote it before {RunLayout(run.output_root).search_marker.url} "
+                "named its index (rerun build_index: it then only rewrites that file)"
+            )
+        return fingerprint
 
     def _watch_index_events(self) -> None:
         """A new ``laion_index`` event makes every loaded run check its index on next use."""
@@ -155,7 +206,7 @@ class SearchService:
             self.catalog.refresh()
             with self._lock:
                 for loaded in self._runs.values():
-                    loaded.verified_at = float("-inf")
+                    loaded.check_at = float("-inf")
         self._last_event_id = latest
 
     def warm_up(self, run: Run) -> None:

@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         spark.stop()
-    log.info("Dedup done: %d rows out of %d in %.1f s", stats["rows_out"], stats["rows_in"], stats["seconds"])
+    log.info("Dedup done: %d unique rows of %d in %d batches", stats["rows_out"], stats["rows_in"], len(stats["batches"]))
     return 0
 
 

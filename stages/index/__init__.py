@@ -1,5 +1,6 @@
-"""build_index: the knn indexes of a run (:mod:`stages.index.build`) and the files a
-search service reads beside them (:mod:`stages.index.search_files`).
+"""build_index: the knn indexes of a run, built once and then grown in place batch by batch
+(:mod:`stages.index.build`), and the files a search service reads beside them
+(:mod:`stages.index.search_files`).
 
 Kept free of heavy imports: the DAG file and the search plugin import it at parse time.
 """

@@ -1,17 +1,21 @@
-"""build_index: autofaiss knn indexes over the image and the text embeddings."""
+"""build_index: autofaiss knn indexes over the image and the text embeddings, grown in
+place as batches of embeddings come and go."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
+import posixpath
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from fsspec.core import url_to_fs
+
 from stages import storage
-from stages.embeddings import fingerprint, load_embeddings
+from stages.embeddings import count_embeddings, fingerprint, load_embeddings
 from stages.errors import NothingToDo
 from stages.layout import RunLayout
 from stages.settings import setting
@@ -22,7 +26,20 @@ KINDS = {"image": "img_emb", "text": "text_emb"}  # index name -> its embeddings
 # recall@10 that the search-time nprobe must keep, measured on rows of the index (queries
 # from outside the index, as a search service gets, measured about 0.01 lower here).
 RECALL_TARGET = 0.97
+# An index grows by add() up to this many times the vectors autofaiss built it on: autofaiss
+# chose its key and list count for that size, and lists grown past it get slow to scan.
+GROWTH_FACTOR = 2
+# An index whose own build already missed RECALL_TARGET (PQ codes lose recall) is retrained
+# only when adding costs it more than this: retraining would miss the target as well.
+RECALL_SLACK = 0.02
 MEMORY = r"^[0-9]+(\.[0-9]+)?[KMG]B?$"  # autofaiss's memory strings: "4G", "512M", "1.5GB"
+
+# What a build did to each index (its marker's "action").
+BUILT = "built"  # no earlier index: autofaiss
+ADDED = "added"  # the new npy files' vectors added to the earlier index
+READDED = "readded"  # some npy files removed: the index emptied (training kept) and refilled
+RETRAINED = "retrained"  # an earlier index, but the rule says autofaiss again ("retrain_reason")
+SKIPPED = "skipped"  # the index's npy files are those it holds: kept as it is
 
 
 @dataclass(frozen=True)
@@ -39,15 +56,25 @@ class IndexSettings:
 def build_indexes(
     layout: RunLayout, settings: IndexSettings, *, recall_queries: int = 1000, nb_cores: int | None = None
 ) -> dict[str, Any]:
-    """Build ``image.index`` and ``text.index`` (+ their infos) from ``layout.embeddings``
-    into ``layout.index`` and measure recall@10.
+    """Build or grow ``image.index`` and ``text.index`` (+ their infos) from
+    ``layout.embeddings`` into ``layout.index`` and measure recall@10.
 
-    Rebuilt only when the embeddings or the settings changed (a fingerprint in the index
-    marker). The two indexes are one publication: both are built in a local temporary
-    folder, and only when both are complete is the old marker removed, each file copied to
-    its final name (each appears whole or not at all) and the new marker written. A kill
-    during the builds leaves the folder as it was; readers take the pair as current only
-    with a marker that names its inputs.
+    Nothing is done when the embeddings and the settings are those of the index marker.
+    Otherwise each index takes the first action of :func:`growth_plan` that applies:
+    autofaiss builds it again (``retrained``) when the settings changed, an npy file it
+    holds changed size, a new file sorts before one it holds, or it would hold more than
+    ``GROWTH_FACTOR`` times the vectors it was trained on; it is emptied and refilled with
+    the current files (``readded``, the trained quantizer kept) when some of its files are
+    gone; the new files' vectors are added (``added``) otherwise. An index grown either way
+    is then tuned again (:func:`fewest_probes`) and is retrained after all when its
+    recall@10 falls below ``RECALL_TARGET`` (or, for one whose build already missed it,
+    more than ``RECALL_SLACK`` below its recall when built).
+
+    The two indexes are one publication: both are made in a local temporary folder, and
+    only when both are complete is the old marker removed, each file copied to its final
+    name (each appears whole or not at all) and the new marker written. A kill during the
+    builds leaves the folder as it was; readers take the pair as current only with a
+    marker that names its inputs.
     """
     folders = {name: layout.embedding_files(sub) for name, sub in KINDS.items()}
     npys = sorted(f for folder in folders.values() for f in storage.list_files(folder, "*.npy"))
@@ -59,25 +86,151 @@ def build_indexes(
         log.info("Skipping build_index: %s matches the current embeddings", layout.index_marker.url)
         return {**done, "skipped": True}
 
+    previous = layout.index_marker.read()
     numbers: dict[str, Any] = dict(built_with)
     with tempfile.TemporaryDirectory(prefix="laion-index-") as staging:
         for name, folder in folders.items():
-            numbers[name] = build_one(
-                folder,
-                staging,
-                name,
-                max_index_memory_usage=settings.max_index_memory_usage,
-                current_memory_available=settings.current_memory_available,
-                index_key=index_key,
-                recall_queries=recall_queries,
-                nb_cores=nb_cores,
+            numbers[name] = update_index(
+                layout, settings, name, folder, staging, previous, built_with, recall_queries=recall_queries, nb_cores=nb_cores
             )
         return publish(staging, layout, inputs, numbers)
 
 
+def update_index(
+    layout: RunLayout,
+    settings: IndexSettings,
+    name: str,
+    embeddings: str,
+    staging: str,
+    previous: dict[str, Any] | None,
+    built_with: dict[str, Any],
+    *,
+    recall_queries: int,
+    nb_cores: int | None,
+) -> dict[str, Any]:
+    """Bring index ``name`` up to date with ``embeddings`` in ``staging`` (no file there when it
+    is kept as it is) by the action :func:`growth_plan` chooses; its numbers."""
+    files = npy_files(embeddings)
+    if not files:
+        raise NothingToDo(f"no embeddings under {embeddings}: nothing to index")
+    action, reason = growth_plan(previous, built_with, name, files, count_embeddings(embeddings)[0])
+    if action == SKIPPED:
+        return {**previous[name], "action": SKIPPED, "retrain_reason": None, "added": 0, "build_seconds": 0.0}
+    if action in (ADDED, READDED):
+        grown = grow_one(layout, embeddings, staging, name, previous[name], action=action, files=files, recall_queries=recall_queries)
+        if isinstance(grown, dict):
+            return grown
+        action, reason = RETRAINED, grown
+    if reason:
+        log.info("Retraining the %s index: %s", name, reason)
+    built = build_one(
+        embeddings,
+        staging,
+        name,
+        max_index_memory_usage=settings.max_index_memory_usage,
+        current_memory_available=settings.current_memory_available,
+        index_key=built_with["index_key"],
+        recall_queries=recall_queries,
+        nb_cores=nb_cores,
+    )
+    return {**built, "action": action, "retrain_reason": reason, "files": files, "added": built["ntotal"]}
+
+
+def npy_files(folder: str) -> dict[str, int]:
+    """Name -> size of every .npy in ``folder``, in name order (the order of the index's rows)."""
+    fs, path = url_to_fs(folder)
+    found = fs.glob(posixpath.join(path.rstrip("/"), "*.npy"), detail=True)
+    return {posixpath.basename(p): int(info["size"]) for p, info in sorted(found.items())}
+
+
+def growth_plan(
+    previous: dict[str, Any] | None, built_with: dict[str, Any], name: str, files: dict[str, int], vectors: int
+) -> tuple[str, str | None]:
+    """(action, why it retrains) for index ``name`` over ``files`` holding ``vectors`` rows,
+    given the marker of the published pair (``previous``); the rule is build_indexes's."""
+    before = (previous or {}).get(name)
+    if before is None:
+        return BUILT, None
+    if "files" not in before or "trained_on" not in before:
+        return RETRAINED, "the earlier index records no npy files (built before indexes grew in place)"
+    changed = sorted(key for key, value in built_with.items() if previous.get(key) != value)
+    if changed:
+        return RETRAINED, f"settings changed: {', '.join(changed)}"
+    held = before["files"]
+    resized = [f for f in files if f in held and files[f] != held[f]]
+    if resized:
+        return RETRAINED, f"{resized[0]} changed size ({held[resized[0]]} -> {files[resized[0]]} bytes)"
+    new = [f for f in files if f not in held]
+    if new and new[0] < max(held):
+        return RETRAINED, f"new file {new[0]} sorts before {max(held)}, which the index holds"
+    if vectors > GROWTH_FACTOR * before["trained_on"]:
+        return RETRAINED, f"{vectors} vectors exceed {GROWTH_FACTOR} x the {before['trained_on']} the index was trained on"
+    if any(f not in files for f in held):
+        return READDED, None
+    return (ADDED, None) if new else (SKIPPED, None)
+
+
+def grow_one(
+    layout: RunLayout,
+    embeddings: str,
+    local_folder: str,
+    name: str,
+    before: dict[str, Any],
+    *,
+    action: str,
+    files: dict[str, int],
+    recall_queries: int,
+) -> dict[str, Any] | str:
+    """Write ``<local_folder>/<name>.index`` (+ infos): the published index with the new
+    files' vectors added (``ADDED``), or emptied and refilled with every current vector
+    (``READDED``), tuned again; its numbers, or why it must be retrained instead."""
+    import faiss
+
+    started = time.monotonic()
+    if not storage.exists(layout.index_file(name)):
+        return f"{layout.index_file(name)}, which its marker describes, is missing"
+    index_path = os.path.join(local_folder, f"{name}.index")
+    storage.copy(layout.index_file(name), index_path)  # faiss reads local files only
+    index = faiss.read_index(index_path)
+    if action == ADDED and index.ntotal != before["ntotal"]:
+        os.remove(index_path)
+        return f"{layout.index_file(name)} holds {index.ntotal} vectors, its marker says {before['ntotal']}"
+    if action == READDED:
+        index.reset()  # an IVF index keeps its trained quantizer (and PQ): only its lists are emptied
+    vectors = load_embeddings(embeddings)
+    start = int(index.ntotal)  # the files the index holds come first
+    index.add(vectors[start:])
+    sample, truth = exact_neighbours(vectors, queries=recall_queries, k=10)
+    chosen = before.get("autofaiss_index_param")
+    index_param = fewest_probes(index, sample, truth, chosen, RECALL_TARGET)
+    recall = recall_of(index, sample, truth, index_param)
+    floor = min(RECALL_TARGET, before.get("trained_recall_at_10", RECALL_TARGET) - RECALL_SLACK)
+    if recall < floor:
+        os.remove(index_path)
+        return f"recall@10 {recall:.3f} after adding is below {floor:.3f}"
+    faiss.write_index(index, index_path)
+    size = os.path.getsize(index_path)
+    infos = storage.read_json_or_none(storage.join(layout.index, f"{name}_infos.json")) or {}
+    updated = {"index_param": index_param, "autofaiss_index_param": chosen, "nb vectors": int(index.ntotal), "size in bytes": size}
+    storage.write_json(os.path.join(local_folder, f"{name}_infos.json"), {**infos, **updated})
+    log.info("%s index: %s %d vectors, now %d; recall@10 %.3f at %s", name, action, len(vectors) - start, index.ntotal, recall, index_param)
+    return {
+        **before,
+        "index_param": index_param,
+        "ntotal": int(index.ntotal),
+        "size_bytes": size,
+        "recall_at_10": round(recall, 4),
+        "build_seconds": round(time.monotonic() - started, 3),
+        "files": files,
+        "action": action,
+        "retrain_reason": None,
+        "added": int(index.ntotal) - start,
+    }
+
+
 def publish(staging: str, layout: RunLayout, inputs: dict[str, Any], numbers: dict[str, Any]) -> dict[str, Any]:
     """Move a complete pair of indexes from ``staging`` into ``layout.index``, marker last;
-    returns what the marker records."""
+    returns what the marker records. An index kept as it is has no file in ``staging``."""
     layout.index_marker.clear()  # from here until the new marker, no pair is current
     for name in sorted(os.listdir(staging)):
         storage.copy(os.path.join(staging, name), storage.join(layout.index, name))
@@ -137,6 +290,8 @@ def build_one(
         "size_bytes": size,
         "recall_at_10": round(recall, 4),
         "build_seconds": round(seconds, 3),
+        "trained_on": int(index.ntotal),
+        "trained_recall_at_10": round(recall, 4),
     }
 
 

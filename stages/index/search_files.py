@@ -4,7 +4,9 @@
   own layout, so its back end (``clip_retrieval.clip_back``) loads the folder unchanged;
 - ``index/offsets/<part>/<shard>.parquet`` -- where each member of each webdataset tar
   starts and how long it is, so showing a sample is one ranged read of its tar (local or S3),
-  never an unpacking of the shard.
+  never an unpacking of the shard;
+- ``index/_SEARCH.json``, written last -- what they were made from, the index marker's
+  fingerprint included: a search service takes a new index as published once it names it.
 """
 
 from __future__ import annotations
@@ -52,19 +54,33 @@ def write_offsets(tar_url: str, table_url: str) -> int:
     return len(members)
 
 
-def _replace_folder(sources: list[str], folder: str) -> None:
+def files_by_name(folder: str, pattern: str = "*") -> dict[str, int]:
+    """Name -> size of the files directly under ``folder`` matching ``pattern`` (none when it is missing)."""
     fs, path = url_to_fs(folder)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-    for src in sources:
-        storage.copy(src, storage.join(folder, posixpath.basename(src)))
+    found = fs.glob(posixpath.join(path.rstrip("/"), pattern), detail=True)
+    return {posixpath.basename(p): int(info["size"]) for p, info in sorted(found.items()) if info["type"] == "file"}
+
+
+def mirror_folder(source: str, folder: str, pattern: str) -> int:
+    """Make ``folder`` hold exactly the files of ``source`` matching ``pattern``: those missing
+    or of another size are copied, those no longer in ``source`` removed, the rest left alone.
+    Returns how many were copied."""
+    wanted, present = files_by_name(source, pattern), files_by_name(folder, pattern)
+    for name in sorted(set(present) - set(wanted)):
+        storage.remove(storage.join(folder, name))
+    copied = [name for name, size in wanted.items() if present.get(name) != size]
+    for name in copied:
+        storage.copy(storage.join(source, name), storage.join(folder, name))
+    return len(copied)
 
 
 def publish_search_files(layout: RunLayout) -> dict[str, Any]:
     """Write ``index/metadata/`` and one offset table per current shard; unchanged inputs are kept.
 
-    The search marker records what they were made from (the embeddings' fingerprint and
-    each tar's size), so a rerun over the same data rewrites nothing.
+    The search marker, written last, records what they were made from (the index marker's
+    fingerprint, the embeddings' fingerprint and each tar's size): a rerun over the same data
+    rewrites nothing, and a search service takes a new index as published only once this
+    marker names it (until then index/metadata/ may be half updated).
     """
     embeddings = layout.embeddings_marker.recorded()
     tars = layout.current_shards()
@@ -72,7 +88,8 @@ def publish_search_files(layout: RunLayout) -> dict[str, Any]:
     for tar in tars:
         fs, tar_path = url_to_fs(tar)
         sizes["/".join(shard_location(tar))] = fs.size(tar_path)
-    wanted = {"embeddings_fingerprint": embeddings["input_fingerprint"], "tars": sizes}
+    index = layout.index_marker.read() or {}
+    wanted = {"index_fingerprint": index.get("input_fingerprint"), "embeddings_fingerprint": embeddings["input_fingerprint"], "tars": sizes}
     marker = layout.search_marker
     if marker.done_with(wanted) is not None:
         log.info("Search files are current: %s matches %d shards", marker.url, len(tars))
@@ -90,11 +107,7 @@ def publish_search_files(layout: RunLayout) -> dict[str, Any]:
         part, name = posixpath.basename(posixpath.dirname(table)), posixpath.basename(table)
         if f"{part}/{name[: -len('.parquet')]}" not in sizes:  # a shard no longer current
             storage.remove(table)
-    metadata = storage.list_files(layout.embedding_files("metadata"), "*.parquet")
-    if published.get("embeddings_fingerprint") != wanted["embeddings_fingerprint"] or not storage.exists(layout.search_metadata):
-        _replace_folder(metadata, layout.search_metadata)
-    else:
-        metadata = []
+    copied = mirror_folder(layout.embedding_files("metadata"), layout.search_metadata, "*.parquet")
     marker.mark_done(wanted, {})
-    log.info("Published %d offset tables and %d metadata files for search", written, len(metadata))
-    return {"offset_tables_written": written, "metadata_files_written": len(metadata), "skipped": False}
+    log.info("Published %d offset tables and %d metadata files for search", written, copied)
+    return {"offset_tables_written": written, "metadata_files_written": copied, "skipped": False}

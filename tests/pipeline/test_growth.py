@@ -31,6 +31,12 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def path_of(url: str) -> str:
+    """What the server's request log names: the path and the query."""
+    parts = urlsplit(url)
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
 def samples(output: Path) -> list[tuple[str, str]]:
     """(url, caption) of every sample in the dataset's shards, once per sample."""
     found = []
@@ -83,7 +89,7 @@ def test_a_second_batch_downloads_embeds_and_indexes_only_its_new_pairs(
     assert batch["duplicates_of_earlier_batches"] > 0  # the sample web repeats rows across its files
     assert batch["rows_in"] == dedup["rows_in"] - first["dedup"]["rows_in"]
     new_parts = sorted(output.glob("dedup/part-*.parquet"))[-batch["parts"]:]
-    new_urls = Counter(urlsplit(u).path for p in new_parts for u in pq.read_table(p, columns=["URL"]).column("URL").to_pylist())
+    new_urls = Counter(path_of(u) for p in new_parts for u in pq.read_table(p, columns=["URL"]).column("URL").to_pylist())
     assert requested == new_urls
     assert batch["downloaded"] == download["successes"] - first["download"]["successes"]
     assert batch["new_vectors"] == batch["downloaded"] and batch["index_action"] == "added"

@@ -208,7 +208,8 @@ def test_metrics_report_query_latency(client: Any, search_run: dict) -> None:
 
 
 def test_a_new_index_event_reloads_the_index(client: Any, search_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A copy of the run, offered through LAION_SEARCH_ROOTS, gets a smaller index and an Asset event."""
+    """A copy of the run, offered through LAION_SEARCH_ROOTS, gets a smaller index and Asset events:
+    reloaded once its search files name the new index."""
     import inspect
 
     import faiss
@@ -260,8 +261,71 @@ def test_a_new_index_event_reloads_the_index(client: Any, search_run: dict, tmp_
     wait_until(lambda: search(client, "copied_run", text="cat").status_code == 200 and len(looks) > 0, "look at the events", timeout=60)
     assert vectors() == total and metrics()["index_reloads"] == reloads, "without an event the loaded index is kept"
 
-    with create_session() as session:
-        session.add(AssetEvent(asset_id=asset.id, extra={}))
+    def new_event() -> None:
+        with create_session() as session:
+            session.add(AssetEvent(asset_id=asset.id, extra={}))
+
+    # An event while the search files are still those of the old index: it is kept.
+    new_event()
+    wait_until(lambda: search(client, "copied_run", text="cat").status_code == 200 and looks[-1] != looks[0], "look at the new event", timeout=60)
+    assert vectors() == total and metrics()["index_reloads"] == reloads, "a half-published index is not loaded"
+
+    # build_index's search marker, written last, names the new index; then its event.
+    searched = json.loads((copy / "index" / "_SEARCH.json").read_text())
+    (copy / "index" / "_SEARCH.json").write_text(json.dumps({**searched, "index_fingerprint": "rebuilt"}))
+    new_event()
     wait_until(lambda: search(client, "copied_run", text="cat", k=100).status_code == 200 and vectors() != total, "reload", timeout=60)
     assert vectors() == total - 10 and metrics()["index_reloads"] == reloads + 1
-    assert looks[-1] != looks[0]  # the reload came from the new event
+
+
+def test_the_loaded_index_answers_until_the_search_files_name_the_new_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run grown by one batch, built and published here by the real stages, served by a service
+    that checks the run's markers on every use."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from laion_search import service as service_module
+    from laion_search.catalog import Run
+    from laion_search.service import IndexBeingPublished, SearchService
+
+    from stages.index.build import IndexSettings, build_indexes
+    from stages.index.search_files import publish_search_files
+    from stages.layout import RunLayout
+
+    layout = RunLayout(str(tmp_path))
+    layout.dedup_marker.mark_done({"input_fingerprint": "d", "partitions": 1}, {"parts": []})
+    rng = np.random.default_rng(0)
+
+    def embed_batch(partition: int, rows: int) -> None:
+        for sub in ("img_emb", "text_emb"):
+            vectors = rng.normal(size=(rows, 16)).astype("float32")
+            Path(layout.embedding_files(sub)).mkdir(parents=True, exist_ok=True)
+            np.save(Path(layout.embedding_files(sub), f"{sub}_{partition:05d}.npy"), vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+        Path(layout.embedding_files("metadata")).mkdir(parents=True, exist_ok=True)
+        keys = [f"{partition:05d}{i:07d}" for i in range(rows)]
+        pq.write_table(pa.table({"image_path": keys}), Path(layout.embedding_files("metadata"), f"metadata_{partition:05d}.parquet"))
+        layout.embeddings_marker.mark_done({"input_fingerprint": f"e{partition}", "clip_model": "m"}, {})
+
+    monkeypatch.setattr(service_module, "latest_index_event_id", lambda: None)  # no Airflow database here
+    run = Run("grown", str(tmp_path), "LAION_SEARCH_ROOTS")
+    service = SearchService(recheck_seconds=0)
+    embed_batch(0, 200)
+    build_indexes(layout, IndexSettings(index_key="Flat"), recall_queries=50)
+    with pytest.raises(IndexBeingPublished, match="no complete index publication"):
+        service.loaded(run)  # never loaded: only a complete publication is
+    publish_search_files(layout)
+    first = service.loaded(run)
+    assert first.index.index.ntotal == 200
+
+    embed_batch(1, 100)
+    assert build_indexes(layout, IndexSettings(index_key="Flat"), recall_queries=50)["image"]["action"] == "added"
+    kept = service.loaded(run)  # the new index is published, its search files are not yet
+    assert kept is first and kept.index.index.ntotal == 200 and service.reloads == 0
+    assert kept.index.search_vector(np.load(Path(layout.embedding_files("img_emb"), "img_emb_00000.npy"))[7], k=1)[0].key == "000000000007"
+    with pytest.raises(IndexBeingPublished):
+        SearchService(recheck_seconds=0).loaded(run)
+
+    publish_search_files(layout)
+    reloaded = service.loaded(run)
+    assert reloaded is not first and reloaded.index.index.ntotal == 300 and service.reloads == 1
+    assert reloaded.index.search_vector(np.load(Path(layout.embedding_files("img_emb"), "img_emb_00001.npy"))[5], k=1)[0].key == "000010000005"

@@ -36,6 +36,14 @@ def write_shard(root: Path, part: str, shard: str, count: int, *, finished: bool
 def test_a_stage_line_says_what_the_stage_did() -> None:
     numbers = {"rows_in": 165, "rows_invalid": 10, "rows_out": 155, "partitions": 2, "started_at": 1.0, "ended_at": 22.3, "seconds": 21.3}
     assert done_line("dedup", "dedup", numbers, elapsed=99.0) == "dedup done in 21.3 s: 165 rows in, 10 invalid, 155 unique"
+    batch = {"batch": 1, "rows_in": 40, "rows_out": 31, "duplicates_of_earlier_batches": 9}
+    grown = {**numbers, "rows_in": 205, "rows_out": 186, "batches": 2, "added_batch": batch}
+    assert done_line("dedup", "dedup", grown, elapsed=99.0) == (
+        "dedup done in 21.3 s: batch 1: 40 rows in, 31 new unique, 9 already in the dataset; 186 unique in all"
+    )
+    assert done_line("dedup", "dedup", {**grown, "added_batch": None}, elapsed=99.0) == (
+        "dedup done in 21.3 s: no new raw file: 186 unique pairs in 2 batches"
+    )
 
 
 def test_a_mapped_download_line_names_its_part() -> None:
@@ -48,7 +56,7 @@ def test_a_mapped_download_line_names_its_part() -> None:
 
 def test_a_list_value_and_a_stage_without_a_describer() -> None:
     assert done_line("list_dedup_parts", "list_dedup_parts", ["part-00000", "part-00001"], elapsed=0.42) == (
-        "list_dedup_parts done in 0.4 s: 2 parts"
+        "list_dedup_parts done in 0.4 s: 2 parts to download"
     )
     numbers = {"retried": 4, "recovered": 3, "reasons": ["timeout"], "seconds": 2.0, "started_at": 5.0}
     assert done_line("retry_failed[part-00000]", "retry_failed", numbers, elapsed=0.0) == (

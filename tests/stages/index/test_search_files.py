@@ -114,3 +114,42 @@ def test_tar_members_are_the_files_of_a_tar(tmp_path: Path) -> None:
         archive.addfile(info, io.BytesIO(b"{}"))
     [(key, ext, offset, size)] = tar_members(str(tar))
     assert (key, ext, size) == ("0001", "json", 2) and tar.read_bytes()[offset : offset + size] == b"{}"
+
+
+def write_metadata(layout: RunLayout, partition: int, keys: list[str]) -> Path:
+    path = Path(layout.embedding_files("metadata"), f"metadata_{partition:05d}.parquet")
+    pq.write_table(pa.table({"image_path": keys}), path)
+    return path
+
+
+def test_only_new_or_changed_metadata_is_copied_and_removed_batches_go(run: RunLayout) -> None:
+    """As when batches come and go: one added, one removed, the others copied once."""
+    write_metadata(run, 1, ["000000000001"])
+    write_metadata(run, 2, ["000010000000"])
+    publish_search_files(run)
+    published = Path(run.search_metadata)
+    first = {p.name: p.stat().st_mtime_ns for p in published.iterdir()}
+    assert sorted(first) == ["metadata_00000.parquet", "metadata_00001.parquet", "metadata_00002.parquet"]
+
+    Path(run.embedding_files("metadata"), "metadata_00001.parquet").unlink()  # a batch removed
+    write_metadata(run, 3, ["000015000000", "000015000001"])  # a batch added
+    run.embeddings_marker.mark_done({"input_fingerprint": "e2", "clip_model": "m"}, {"count": 4})
+    assert publish_search_files(run)["metadata_files_written"] == 1
+    # index/metadata holds exactly the embeddings' metadata files; the unchanged ones were left alone.
+    assert sorted(p.name for p in published.iterdir()) == sorted(p.name for p in Path(run.embedding_files("metadata")).iterdir())
+    assert {name: (published / name).stat().st_mtime_ns for name in ("metadata_00000.parquet", "metadata_00002.parquet")} == {
+        name: first[name] for name in ("metadata_00000.parquet", "metadata_00002.parquet")
+    }
+    for source in Path(run.embedding_files("metadata")).iterdir():
+        assert (published / source.name).read_bytes() == source.read_bytes()
+
+
+def test_the_search_marker_names_the_index_it_was_written_for(run: RunLayout) -> None:
+    """A search service takes a new index as published once this marker names it."""
+    run.index_marker.mark_done({"input_fingerprint": "i1"}, {})
+    publish_search_files(run)
+    assert run.search_marker.read()["index_fingerprint"] == "i1"
+    run.index_marker.mark_done({"input_fingerprint": "i2"}, {})  # the index grew, the search files' inputs did not change
+    assert publish_search_files(run) == {"offset_tables_written": 0, "metadata_files_written": 0, "skipped": False}
+    assert run.search_marker.read()["index_fingerprint"] == "i2"
+    assert publish_search_files(run)["skipped"] is True
