@@ -166,10 +166,14 @@ class RunLayout:
         stats = self.dedup_stats() if dedup_stats is None else dedup_stats
         return [p.split(".")[0] for p in stats["parts"]]
 
+    def part_versions(self, dedup_stats: Mapping[str, Any] | None = None) -> dict[str, str]:
+        """Part name (``part-00003``) -> the version of the batch that wrote its rows."""
+        stats = self.dedup_stats() if dedup_stats is None else dedup_stats
+        return {p.split(".")[0]: b["version"] for b in stats.get("batches", []) for p in b["parts"]}
+
     def part_version(self, part: str, dedup_stats: Mapping[str, Any] | None = None) -> str:
         """Names the rows of one part (``part-00003``): the version of the batch that wrote it."""
-        stats = self.dedup_stats() if dedup_stats is None else dedup_stats
-        versions = {p.split(".")[0]: b["version"] for b in stats.get("batches", []) for p in b["parts"]}
+        versions = self.part_versions(dedup_stats)
         if part not in versions:
             raise ValueError(f"{part} is not a part of the dataset at {self.output_root} (see {self.dedup_marker.url})")
         return versions[part]
@@ -186,9 +190,10 @@ class RunLayout:
         stats = self.dedup_stats() if dedup_stats is None else dedup_stats
         fs, root = url_to_fs(self.images)
         done = {posixpath.relpath(path, root) for path in fs.glob(posixpath.join(root, "*", STATE_DIR, "_done-*.json"))}
+        versions = self.part_versions(stats)  # once: a dataset may have tens of thousands of parts
         return [
             part for part in self.current_parts(stats)
-            if posixpath.join(part, STATE_DIR, download_marker_name(self.part_version(part, stats))) not in done
+            if posixpath.join(part, STATE_DIR, download_marker_name(versions.get(part) or self.part_version(part, stats))) not in done
         ]  # fmt: skip
 
     def part(self, part: str) -> str:

@@ -211,7 +211,3 @@ def with_totals(stats: dict[str, Any]) -> dict[str, Any]:
         "latest_batch": latest.get("batch"),
     }
 
-
-def part_versions(stats: Mapping[str, Any]) -> dict[str, str]:
-    """Part name (``part-00003``) -> the version of the batch that wrote it."""
-    return {part.split(".")[0]: b["version"] for b in stats.get("batches", []) for part in b["parts"]}

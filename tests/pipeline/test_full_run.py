@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from shard_files import samples
 
 # The first test also pays for the module's run (about a minute idle, several on a loaded
 # machine); the rerun test for a second one.
@@ -82,14 +83,7 @@ def test_every_sample_has_image_caption_and_json_and_a_unique_key(finished: Any)
     assert len(members) == expected["successes"]
     assert all(exts == {"jpg", "txt", "json"} for exts in members.values())
     good = {tuple(pair) for pair in expected["good_pairs"]}
-    captions = set()
-    for tar in sorted((output / "images").glob("part-*/*.tar")):
-        with tarfile.open(tar) as archive:
-            for member in archive.getmembers():
-                if member.name.endswith(".json"):
-                    meta = json.load(archive.extractfile(member))
-                    captions.add((meta["url"], meta["caption"]))
-    assert captions == good
+    assert set(samples(output)) == good
 
 
 def test_embeddings_and_indexes_cover_every_success(finished: Any) -> None:

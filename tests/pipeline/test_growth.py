@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from urllib.parse import urlsplit
 
 import pyarrow.parquet as pq
 import pytest
+from shard_files import samples, snapshot
 
 pytestmark = [pytest.mark.heavy, pytest.mark.timeout(1800)]
 
@@ -27,26 +27,10 @@ def report_of(output: Path) -> dict:
     return json.loads((output / "report" / "report.json").read_text())
 
 
-def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def path_of(url: str) -> str:
     """What the server's request log names: the path and the query."""
     parts = urlsplit(url)
     return parts.path + (f"?{parts.query}" if parts.query else "")
-
-
-def samples(output: Path) -> list[tuple[str, str]]:
-    """(url, caption) of every sample in the dataset's shards, once per sample."""
-    found = []
-    for tar in sorted((output / "images").glob("part-*/*.tar")):
-        with tarfile.open(tar) as archive:
-            for member in archive.getmembers():
-                if member.name.endswith(".json"):
-                    meta = json.load(archive.extractfile(member))
-                    found.append((meta["url"], meta["caption"]))
-    return sorted(found)
 
 
 def test_a_second_batch_downloads_embeds_and_indexes_only_its_new_pairs(

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import csv
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
+from shard_files import samples, snapshot
 from make_run import AirflowHome, MakeRun, SlowWeb
 from waiting import wait_until
 
@@ -22,20 +22,6 @@ def write_raw(path: Path, rows: list[tuple[str, str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([["URL", "TEXT", "SAMPLE_ID"], *([url, text, str(i)] for i, (url, text) in enumerate(rows))])
-
-
-def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def samples(output: Path) -> list[tuple[str, str]]:
-    found = []
-    for tar in sorted((output / "images").glob("part-*/*.tar")):
-        with tarfile.open(tar) as archive:
-            found += [
-                tuple(json.load(archive.extractfile(m))[k] for k in ("url", "caption")) for m in archive.getmembers() if m.name.endswith(".json")
-            ]
-    return sorted(found)
 
 
 def test_a_run_killed_while_a_dataset_grows_is_finished_by_the_next(

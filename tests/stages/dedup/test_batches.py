@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from dedup_builders import read_parts, settings, write_csv
 from pyspark.sql import SparkSession
+from shard_files import snapshot
 
 from stages import dedup
 from stages.dedup.batches import without_batch
@@ -41,10 +42,6 @@ def write_batch(raw: Path, files: dict[str, list[list[Any]]]) -> None:
 def pairs(output: Path, stats: dict[str, Any]) -> list[tuple[str, str]]:
     table = read_parts([output / part for part in stats["parts"]])
     return sorted(zip(table.column("URL").to_pylist(), table.column("TEXT").to_pylist()))
-
-
-def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.fixture
