@@ -121,6 +121,8 @@ class SearchService:
         self._runs: dict[str, LoadedRun] = {}
         self._encoders: dict[str, ClipEncoder] = {}
         self._lock = threading.RLock()
+        # Models load apart from runs: a query's model load must not hold up image and report requests.
+        self._encoder_lock = threading.Lock()
         self._last_event_id: Any = _NOT_READ
         self._events_checked_at = float("-inf")
 
@@ -221,7 +223,7 @@ class SearchService:
             log.warning("Warming up %s failed", run.output_root, exc_info=True)
 
     def encoder(self, clip_model: str) -> ClipEncoder:
-        with self._lock:
+        with self._encoder_lock:
             if clip_model not in self._encoders:
                 self._encoders[clip_model] = ClipEncoder(clip_model)
             return self._encoders[clip_model]

@@ -44,7 +44,11 @@ def page(api_server: str) -> Any:
 
 
 def images_loaded(frame: Any, selector: str) -> int:
-    """How many images under ``selector`` decoded to a real picture."""
+    """How many images under ``selector`` decoded to a real picture. The images load lazily,
+    so each is scrolled into view first, as a reader scrolling down would."""
+    images = frame.locator(selector)
+    for i in range(images.count()):
+        images.nth(i).scroll_into_view_if_needed()
     frame.wait_for_function(
         f"() => [...document.querySelectorAll({selector!r})].every(i => i.complete)", timeout=60_000
     )
