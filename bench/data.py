@@ -143,3 +143,36 @@ def clustered_vectors(n: int, dim: int = 512, clusters: int | None = None, laten
         x = z @ projection + 0.05 * rng.normal(size=(m, dim)).astype("float32")
         out[start:start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
+
+
+def clip_like_vectors(n: int, dim: int = 512, clusters: int | None = None, latent: int = 64, seed: int = 0,
+                      tail: float = 1.1, mean_weight: float = 0.65) -> np.ndarray:
+    """Unit vectors with what CLIP embeddings have and an index's list count cannot be tuned to.
+
+    - Many more topics than lists: ``40 sqrt(n)`` clusters by default, ten times the
+      ``4 sqrt(n)`` lists autofaiss gives an IVF index (and 40 times the ``sqrt(n)`` of
+      ``flat_key_within_budget``), so a list never matches a cluster.
+    - Heavy-tailed topic sizes: cluster ``r`` (in a random order) draws a share proportional
+      to ``1 / r ** tail`` of the rows: a few topics hold much of the data, most hold a few rows.
+    - A shared mean direction: CLIP embeddings of unrelated images still have a cosine
+      similarity of about 0.2-0.5; each vector gets ``mean_weight`` times one common unit
+      vector before normalising (unrelated pairs: about ``w² / (1 + w²)``, 0.3 here).
+    """
+    rng = np.random.default_rng(seed)
+    clusters = clusters or max(16, int(40 * np.sqrt(n)))
+    share = 1.0 / np.arange(1, clusters + 1) ** tail
+    share = rng.permutation(share / share.sum())
+    centers = rng.normal(size=(clusters, latent)).astype("float32")
+    spread = rng.uniform(0.3, 0.8, size=(clusters, 1)).astype("float32")
+    projection = rng.normal(size=(latent, dim)).astype("float32") / np.sqrt(latent)
+    mean = rng.normal(size=dim).astype("float32")
+    mean /= np.linalg.norm(mean)
+    out = np.empty((n, dim), dtype="float32")
+    for start in range(0, n, 100_000):
+        m = min(100_000, n - start)
+        which = rng.choice(clusters, size=m, p=share)
+        z = centers[which] + spread[which] * rng.normal(size=(m, latent)).astype("float32")
+        x = z @ projection + 0.05 * rng.normal(size=(m, dim)).astype("float32")
+        x = x / np.linalg.norm(x, axis=1, keepdims=True) + mean_weight * mean
+        out[start:start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out

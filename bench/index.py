@@ -1,95 +1,197 @@
-"""index: our build_index stage on clustered vectors: build time and memory, recall@10, memory-mapped latency.
+"""index: our build_index stage on two kinds of vectors, at autofaiss's choice and at a forced
+compressed key: build time and peak RSS, held-out recall@10 without and with exact
+re-ranking, memory-mapped latency, resident bytes per vector.
 
-Queries are held-out points of the same distribution (not rows of the index), searched one
-at a time against the memory-mapped index file, as the search service does; recall@10 is
-the overlap with exact inner-product search. Exact (flat) search latency is the reference.
+Data: ``clustered`` (about sqrt(n) clusters: close to an IVF index's list count, the shape
+the earlier results were measured on) and ``clip_like`` (40 sqrt(n) clusters of heavy-tailed
+sizes around a shared mean direction; bench/data.py). Both are written as clip-retrieval
+writes embeddings (float16 npy partitions). Queries are held out: drawn from the same
+distribution, never added to the index; their exact top 10 comes from a streamed scan of
+the npy files. Each case runs in a fresh process (``python -m bench.index measure``), which
+builds with ``build_one`` and then serves queries one at a time as the search service does:
+the index memory-mapped, ``rerank_k`` candidates re-ranked against the memory-mapped npy
+files (``stages.index.rerank``).
+
+    python -m bench.index table RESULTS.json   # the per-case table of docs/benchmarks.md
 """
 
 from __future__ import annotations
 
+import json
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.data import clustered_vectors
+from bench.data import clip_like_vectors, clustered_vectors
 from bench.harness import PY, Bench, env_for_tools, run_json
 from bench.sizes import Size
 from stages.index.build import IndexSettings
 
 # The DAG's defaults.
 MEMORY_BUDGET, MEMORY_AVAILABLE = IndexSettings().max_index_memory_usage, IndexSettings().current_memory_available
+DATA = {"clustered": clustered_vectors, "clip_like": clip_like_vectors}
+HEADLINE = "clustered-default"  # the case earlier results files measured: what bench.table shows
+PARTITION_ROWS = 25_000  # rows per npy file (clip-retrieval writes 10,000-sample partitions and more)
+FLAT_QUERIES = 100  # single queries timed against exact in-memory search, the reference
 
 
-def build_and_query(vectors_npy: str, work: str, queries: int) -> dict[str, Any]:
+def write_dataset(folder: Path, kind: str, n: int, queries: int) -> None:
+    """``n`` vectors of ``kind`` as float16 npy partitions under ``folder/img_emb`` and
+    ``queries`` more of the same distribution, held out, in ``folder/queries.npy``."""
+    if (folder / "queries.npy").exists():
+        return
+    vectors = DATA[kind](n + queries)
+    (folder / "img_emb").mkdir(parents=True, exist_ok=True)
+    for number, start in enumerate(range(0, n, PARTITION_ROWS)):
+        np.save(folder / "img_emb" / f"img_emb_{number:05d}.npy", vectors[start:min(start + PARTITION_ROWS, n)].astype("float16"))
+    np.save(folder / "queries.npy", vectors[n:])
+
+
+def measure(embeddings: str, queries_npy: str, work: str, settings_json: str) -> dict[str, Any]:
+    """One case in this process: build, then serve the held-out queries one at a time."""
     import faiss
 
     from stages.index import build as stage
+    from stages.index.rerank import StoredVectors, candidates_for, exact_top_k, rerank
 
-    work_dir = Path(work)
-    emb = work_dir / "img_emb"
-    emb.mkdir(parents=True, exist_ok=True)
-    vectors = np.load(vectors_npy, mmap_mode="r")
-    held_out = np.ascontiguousarray(vectors[-queries:])
-    np.save(emb / "img_emb_0.npy", vectors[:-queries])
-    del vectors
-    built = stage.build_one(str(emb), str(work_dir / "index"), "image", max_index_memory_usage=MEMORY_BUDGET,
-                            current_memory_available=MEMORY_AVAILABLE, index_key=None, recall_queries=queries,
+    settings = json.loads(settings_json)
+    built = stage.build_one(embeddings, str(Path(work) / "index"), "image", max_index_memory_usage=settings["max_index_memory_usage"],
+                            current_memory_available=MEMORY_AVAILABLE, index_key=settings["index_key"], recall_queries=1000,
                             nb_cores=None)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    data = np.load(emb / "img_emb_0.npy")
-    exact = faiss.IndexFlatIP(data.shape[1])
-    exact.add(data)
-    _, truth = exact.search(held_out, 10)
-    flat = _latencies(lambda q: exact.search(q, 10), held_out[:200])
-    del exact
-    index = faiss.read_index(str(work_dir / "index" / "image.index"), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    stored = StoredVectors(embeddings)
+    queries = np.load(queries_npy)
+    truth = exact_top_k(stored, queries, 10)[1]  # read in blocks, not mapped: nothing left resident
+
+    resident_before = _rss_bytes()
+    index = faiss.read_index(str(Path(work) / "index" / "image.index"), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    params = faiss.ParameterSpace()
+    if built.get("autofaiss_index_param"):
+        params.set_index_parameters(index, built["autofaiss_index_param"])
+    autofaiss_alone = index.search(queries, 10)[1]
     if built.get("index_param"):
-        faiss.ParameterSpace().set_index_parameters(index, built["index_param"])
-    found = np.stack([index.search(q[None], 10)[1][0] for q in held_out])
-    mapped = _latencies(lambda q: index.search(q, 10), held_out)
+        params.set_index_parameters(index, built["index_param"])
+    plain, plain_ms = _serve(lambda q: index.search(q, 10)[1][0], queries)
+    resident_index = _rss_bytes()
+    wanted = candidates_for(built["rerank_k"], 10, index.ntotal)
+
+    def served(q: np.ndarray) -> np.ndarray:
+        ids = index.search(q, wanted)[1]
+        return rerank(q, ids, stored, 10)[1][0] if wanted > 10 else ids[0]
+
+    found, served_ms = _serve(served, queries)
+    resident_all = _rss_bytes()
+    flat = faiss.IndexFlatIP(stored.dim)
+    for _, block in stored.blocks():
+        flat.add(block)
+    _, flat_ms = _serve(lambda q: flat.search(q, 10)[1][0], queries[:FLAT_QUERIES])
     return {
         **built,
         "peak_rss_mib": round(peak_mib, 1),
         "recall_at_10": _recall(truth, found),
+        "recall_at_10_without_rerank": _recall(truth, plain),
+        "recall_at_10_autofaiss": _recall(truth, autofaiss_alone),
         "recall_at_10_build": built["recall_at_10"],
-        "p50_ms": mapped[0], "p99_ms": mapped[1],
-        "flat_p50_ms": flat[0], "flat_p99_ms": flat[1],
+        "recall_at_10_build_without_rerank": built["recall_at_10_without_rerank"],
+        "p50_ms": served_ms[0], "p99_ms": served_ms[1],
+        "without_rerank_p50_ms": plain_ms[0], "without_rerank_p99_ms": plain_ms[1],
+        "flat_p50_ms": flat_ms[0], "flat_p99_ms": flat_ms[1],
+        "index_bytes_per_vector": round(built["size_bytes"] / built["ntotal"], 1),
+        "resident_index_bytes_per_vector": round((resident_index - resident_before) / built["ntotal"], 1),
+        "resident_bytes_per_vector": round((resident_all - resident_before) / built["ntotal"], 1),
     }
 
 
-def _latencies(search: Any, queries: np.ndarray) -> tuple[float, float]:
-    times = []
+def _serve(search: Any, queries: np.ndarray) -> tuple[list[np.ndarray], tuple[float, float]]:
+    """Each query alone, as the search service gets them: the results and the p50 / p99 ms."""
+    found, times = [], []
     for q in queries:
         started = time.perf_counter()
-        search(q[None])
+        found.append(search(q[None]))
         times.append((time.perf_counter() - started) * 1000)
-    return round(float(np.percentile(times, 50)), 3), round(float(np.percentile(times, 99)), 3)
+    return found, (round(float(np.percentile(times, 50)), 3), round(float(np.percentile(times, 99)), 3))
 
 
-def _recall(truth: np.ndarray, found: np.ndarray) -> float:
-    return round(sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist())) / truth.size, 4)
+def _rss_bytes() -> int:
+    """Resident set now, file pages mapped by this process included (VmRSS)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+
+
+def _recall(truth: np.ndarray, found: Any) -> float:
+    return round(sum(len(set(t) & set(np.asarray(f).tolist())) for t, f in zip(truth.tolist(), found)) / truth.size, 4)
 
 
 def run(size: Size, work: Path) -> Bench:
-    bench = Bench("index", settings={"vectors": list(size.index_vectors), "dim": 512, "queries": size.index_queries,
-                                     "max_index_memory_usage": MEMORY_BUDGET, "current_memory_available": MEMORY_AVAILABLE,
-                                     "data": "Gaussian mixture on a 64-d subspace (sqrt(n) clusters) + noise, unit norm"})
+    variants = {"default": {"index_key": None, "max_index_memory_usage": MEMORY_BUDGET},
+                "pq": {"index_key": size.index_pq_key, "max_index_memory_usage": MEMORY_BUDGET}}
+    bench = Bench("index", settings={
+        "vectors": list(size.index_vectors), "dim": 512, "queries": size.index_queries, "stored": "float16 npy",
+        "max_index_memory_usage": MEMORY_BUDGET, "current_memory_available": MEMORY_AVAILABLE, "pq_key": size.index_pq_key,
+        "data": {"clustered": "Gaussian mixture on a 64-d subspace (sqrt(n) clusters) + noise, unit norm",
+                 "clip_like": "40 sqrt(n) clusters on a 64-d subspace, Zipf-like sizes (1/r^1.1), + noise, "
+                              "+ 0.65 x a shared mean direction (unrelated pairs: cosine about 0.3), unit norm"}})
     cases = {}
     for n in size.index_vectors:
-        npy = work / "cache" / f"vectors-{n}.npy"
-        if not npy.exists():
-            npy.parent.mkdir(parents=True, exist_ok=True)
-            np.save(npy, clustered_vectors(n + size.index_queries))
-        bench.commands[str(n)] = [PY, "-m", "bench.workers", "build-index", str(npy), str(work / "index" / str(n)),
-                                  str(size.index_queries)]
-        cases[str(n)] = lambda rep, n=n: run_json(bench.commands[str(n)], env=env_for_tools())
-    # An index build is long and its time barely varies: one repetition per size.
-    med = bench.interleave(cases, 1)
-    for n in size.index_vectors:
-        bench.target(f"recall@10 at {n:,} vectors (default budget)", med[str(n)]["recall_at_10"], ">=", 0.95)
-    bench.target(f"p50 query at {max(size.index_vectors):,} vectors (ms)", med[str(max(size.index_vectors))]["p50_ms"],
-                 "<=", 5.0)
+        for kind in DATA:
+            data = work / "cache" / f"index-{kind}-{n}-{size.index_queries}"
+            write_dataset(data, kind, n, size.index_queries)
+            for variant, settings in variants.items():
+                case = f"{kind}-{variant}-{n}"
+                bench.commands[case] = [PY, "-m", "bench.index", "measure", str(data / "img_emb"), str(data / "queries.npy"),
+                                        str(work / "index" / case), json.dumps(settings)]
+                cases[case] = lambda rep, case=case: run_json(bench.commands[case], env=env_for_tools())
+    # An index build is long and its time barely varies: one repetition per case.
+    measured = bench.interleave(cases, 1)
+    # bench.table reads one case per vector count: the headline, with every case beside it.
+    bench.median = {str(n): {**measured[f"{HEADLINE}-{n}"], "cases": {c: v for c, v in measured.items() if c.endswith(f"-{n}")}}
+                    for n in size.index_vectors}
+    budget_mib = _mib(MEMORY_AVAILABLE)
+    for case, v in measured.items():
+        bench.target(f"recall@10 held out, {case}", v["recall_at_10"], ">=", 0.95)
+        bench.target(f"build peak RSS MiB, {case} (current_memory_available)", v["peak_rss_mib"], "<=", budget_mib)
+    largest = max(size.index_vectors)
+    for kind in DATA:
+        bench.target(f"p50 query at {largest:,} vectors (ms), {kind}-pq", measured[f"{kind}-pq-{largest}"]["p50_ms"], "<=", 5.0)
     return bench
+
+
+def _mib(memory: str) -> float:
+    from autofaiss.utils.cast import cast_memory_to_bytes
+
+    return cast_memory_to_bytes(memory) / 2**20
+
+
+def case_table(bench: dict[str, Any]) -> str:
+    """Every case of an index results entry as one markdown table."""
+    lines = ["| case | key | index_param, k' | recall@10 held out: autofaiss alone / alone / **served** (build) "
+             "| p50 / p99 ms served (alone) | build s, peak MiB | bytes/vector: file / resident index / + npy rows |",
+             "|---|---|---|---|---|---|---|"]
+    for n, headline in bench["median"].items():
+        for case, v in headline["cases"].items():
+            lines.append(
+                f'| {case} | {v["index_key"]} | {v["index_param"] or "-"}, {v["rerank_k"]} '
+                f'| {v["recall_at_10_autofaiss"]} / {v["recall_at_10_without_rerank"]} / **{v["recall_at_10"]}** ({v["recall_at_10_build"]}) '
+                f'| {v["p50_ms"]} / {v["p99_ms"]} ({v["without_rerank_p50_ms"]} / {v["without_rerank_p99_ms"]}) '
+                f'| {v["build_seconds"]:.1f}, {v["peak_rss_mib"]:,.0f} '
+                f'| {v["index_bytes_per_vector"]:,.0f} / {v["resident_index_bytes_per_vector"]:,.0f} / {v["resident_bytes_per_vector"]:,.0f} |')
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 6 and argv[1] == "measure":
+        print(json.dumps(measure(*argv[2:]), default=str))
+        return 0
+    if len(argv) == 3 and argv[1] == "table":
+        print(case_table(json.loads(Path(argv[2]).read_text())["benchmarks"]["index"]))
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -8,8 +8,8 @@ the LAION-400M preprocessing as one DAG.
 |---|---|---|
 | fetch_metadata | fsspec | `raw/` (and the output root's lock) |
 | dedup | Spark (`spark_default`) | new `dedup/part-*.parquet` for the raw files no batch holds, `dedup/_stats.json` |
-| download_images (one per part not yet downloaded) | img2dataset | `images/<part>/00000.tar` ... |
-| clip_embeddings (pool `gpu`) | clip-retrieval | `embeddings/{img_emb,text_emb,metadata}/` |
+| download_images (one per part not yet done) | img2dataset | `images/<part>/00000.tar` ... |
+| clip_embeddings (one per part, after its download; pool `gpu`) | clip-retrieval | `embeddings/{img_emb,text_emb,metadata}/*_<part>_<k>.*` |
 | build_index (pool `gpu`) | autofaiss | `index/{image,text}.index` |
 | report (every run past dedup) | | `report/report.json`, `report/report.html` |
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 from datetime import datetime, timezone
 
-from airflow.sdk import Asset, Param, TriggerRule, dag
+from airflow.sdk import Asset, Param, TriggerRule, dag, task_group
 
 from operators.dedup import DedupOperator
 from operators.download import DownloadImagesOperator, ListPartsOperator
@@ -90,31 +90,47 @@ def laion_pipeline() -> None:
 
     fetch = FetchMetadataOperator(task_id="fetch_metadata", metadata_urls="{{ params.metadata_urls | with_run_date }}", **stage)
     dedup = DedupOperator(task_id="dedup", settings=templates_of(DedupSettings), conn_id="spark_default", **stage)
-    parts = ListPartsOperator(task_id="list_dedup_parts", **stage)
-    download = DownloadImagesOperator.partial(
-        task_id="download_images",
-        pool=DOWNLOAD_POOL,
-        map_index_template="{{ task.part }}",
-        settings=templates_of(DownloadSettings),
-        **stage,
-    ).expand(part=parts.output)
-    # none_failed: with no part left to download (a batch of nothing new), the mapped
-    # downloads are skipped and the embeddings still run (finding nothing new, they skip).
-    embeddings = ClipEmbeddingsOperator(
-        task_id="clip_embeddings", settings=templates_of(EmbeddingSettings), trigger_rule=TriggerRule.NONE_FAILED, **gpu, **stage
-    )
+    parts = ListPartsOperator(task_id="list_dedup_parts", clip_model="{{ params.clip_model }}", **stage)
+
+    # One download and one embedding task per part: part i's embeddings start when part i's
+    # download ends, while other parts still download, and as many embed at once as the
+    # gpu pool has slots. The task ids stay download_images and clip_embeddings.
+    @task_group(group_id="per_part", prefix_group_id=False)
+    def per_part(part: str) -> None:
+        download = DownloadImagesOperator(
+            task_id="download_images",
+            pool=DOWNLOAD_POOL,
+            map_index_template="{{ task.part }}",
+            settings=templates_of(DownloadSettings),
+            part=part,
+            **stage,
+        )
+        embeddings = ClipEmbeddingsOperator(
+            task_id="clip_embeddings",
+            map_index_template="{{ task.part }}",
+            settings=templates_of(EmbeddingSettings),
+            part=part,
+            **gpu,
+            **stage,
+        )
+        download >> embeddings
+
+    each_part = per_part.expand(part=parts.output)
+    # none_failed: with no part left to download or embed (a batch of nothing new), the
+    # mapped tasks are skipped and the index still runs (finding nothing new, it skips).
     index = BuildIndexOperator(
         task_id="build_index",
         outlets=[Asset(INDEX_ASSET)],  # the search plugin reloads a run's index on its events
         settings=templates_of(IndexSettings),
+        trigger_rule=TriggerRule.NONE_FAILED,
         **gpu,
         **stage,
     )
     # Runs whatever happened upstream, so a run that failed after dedup has its report too.
     report = ReportOperator(task_id="report", trigger_rule=TriggerRule.ALL_DONE, **stage)
 
-    fetch >> dedup >> parts >> download >> embeddings >> index >> report
-    download >> report  # one failed part stops the later stages at once; the report waits for every part
+    fetch >> dedup >> parts >> each_part >> index >> report
+    each_part >> report  # a failed part stops build_index at once; the report waits for every part
 
 
 laion_pipeline()

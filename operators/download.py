@@ -8,24 +8,29 @@ from stages.images.retry import RetrySettings, retry_part
 
 
 class ListPartsOperator(StageOperator):
-    """Returns the names (``part-00000`` ...) of the dedup parts whose download has not
-    finished: the download stage maps over them. Parts of earlier batches, downloaded,
-    get no task (a dataset of thousands of parts shows only its new ones).
+    """Returns the names (``part-00000`` ...) of the dedup parts whose download or, given
+    ``clip_model``, whose embeddings have not finished: the per-part tasks map over them.
+    Parts of earlier batches, done, get no task (a dataset of thousands of parts shows only
+    its new ones).
 
     :param pending_only: False lists every current part (a retry of failed samples looks at all)
+    :param clip_model: also list the parts not yet embedded with this model (templated)
     """
 
-    def __init__(self, *, pending_only: bool = True, **kwargs: Any) -> None:
+    template_fields: Sequence[str] = (*StageOperator.template_fields, "clip_model")
+
+    def __init__(self, *, pending_only: bool = True, clip_model: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.pending_only = pending_only
+        self.clip_model = clip_model
 
     def run(self, context: Any) -> dict[str, Any]:
         stats = self.layout.dedup_stats()
         parts = self.layout.current_parts(stats)
         if not self.pending_only:
             return {"parts": parts}
-        pending = self.layout.pending_parts(stats)
-        self.log.info("%d of %d parts to download", len(pending), len(parts))
+        pending = self.layout.pending_parts(stats, clip_model=self.clip_model or None)
+        self.log.info("%d of %d parts to download or embed", len(pending), len(parts))
         return {"parts": pending}
 
     def execute(self, context: Any) -> list[str]:  # type: ignore[override]
@@ -78,5 +83,7 @@ class RetryFailedSamplesOperator(DownloadImagesOperator):
 
     def run(self, context: Any) -> dict[str, Any]:
         numbers = retry_part(*self.part_arguments(), dedup_version=self.layout.part_version(str(self.part)))
+        if numbers["recovered"]:  # new shards: the next run lists the part and embeds them
+            self.layout.part_embeddings_marker(str(self.part)).clear()
         self.log.info("%s: %d samples retried, %d recovered", self.part, numbers["retried"], numbers["recovered"])
         return numbers

@@ -3,8 +3,12 @@ from __future__ import annotations
 from typing import Any
 
 from operators.base import StageOperator
+from stages.embeddings import gather_embeddings
+from stages.errors import NothingToDo
+from stages.images.shards import summarize_shards
 from stages.index.build import KINDS, IndexSettings, build_indexes
 from stages.index.search_files import publish_search_files
+from stages.report import downloads_line
 
 
 class BuildIndexOperator(StageOperator):
@@ -17,7 +21,12 @@ class BuildIndexOperator(StageOperator):
     settings_class = IndexSettings
 
     def run(self, context: Any) -> dict[str, Any]:
-        numbers = build_indexes(self.layout, self.stage_settings())
+        layout = self.layout
+        # Every part's embeddings, each made by its own task, recorded as one folder first.
+        embedded = gather_embeddings(layout, {part: layout.current_shards([part]) for part in layout.current_parts()})
+        if not embedded["count"]:
+            raise NothingToDo(f"nothing to index: {downloads_line(summarize_shards(layout.images, layout.current_parts()))}")
+        numbers = build_indexes(layout, self.stage_settings())
         numbers["search"] = publish_search_files(self.layout)
         for name in KINDS:
             kind = numbers[name]

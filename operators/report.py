@@ -30,8 +30,10 @@ class ReportOperator(StageOperator):
         states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id], task_ids=STAGE_ORDER).get(ti.run_id, {})
         run = {"dag_id": ti.dag_id, "run_id": ti.run_id, "output_root": str(self.output_root)}
         outcomes = stage_outcomes(states, failures)
-        if outcomes.get("download_images", {}).get("state") == "skipped" and ti.xcom_pull(task_ids="list_dedup_parts") == []:
-            outcomes["download_images"] = {"state": SUCCESS, "reason": None}  # no part left to download: done
+        if ti.xcom_pull(task_ids="list_dedup_parts") == []:  # no part left to download or embed: done
+            for stage in ("download_images", "clip_embeddings"):
+                if outcomes.get(stage, {}).get("state") == "skipped":
+                    outcomes[stage] = {"state": SUCCESS, "reason": None}
         try:
             report = build_report(self.layout, stage_numbers, run, outcomes)
             paths = write_report(self.layout, report)

@@ -213,29 +213,30 @@ class DownloadProgress:
 
 
 class EmbeddingsProgress:
-    """Finished partitions (``embeddings/_done/<i>``) of the partitions in ``embeddings/_plan.json``."""
+    """Finished partitions (``embeddings/_done/<name>``) of one part's plan (``embeddings/_plans/<part>.json``)."""
 
     unit = "partitions"
 
-    def __init__(self, output_root: str) -> None:
+    def __init__(self, output_root: str, part: str) -> None:
         from stages.layout import RunLayout
 
         self.folder = RunLayout(output_root).embeddings
+        self.part = part
 
     def __call__(self) -> tuple[int, int] | None:
-        from stages.embeddings import PLAN, finished_partitions
+        from stages.embeddings import PLANS, finished_partitions
 
-        plan = Path(self.folder, PLAN)
+        plan = Path(self.folder, PLANS, f"{self.part}.json")
         if not plan.exists():
             return None  # not planned yet
-        planned = len(json.loads(plan.read_text())["partitions"])
-        return len(finished_partitions(self.folder) & set(range(planned))), planned
+        planned = {p["name"] for p in json.loads(plan.read_text())["partitions"]}
+        return len(finished_partitions(self.folder) & planned), len(planned)
 
 
 # The long stages, and what counts their finished work: (output_root, task) -> measure.
 PROGRESS: dict[str, Callable[[str, Any], DownloadProgress | EmbeddingsProgress]] = {
     "download_images": lambda root, task: DownloadProgress(root, str(task.part)),
-    "clip_embeddings": lambda root, task: EmbeddingsProgress(root),
+    "clip_embeddings": lambda root, task: EmbeddingsProgress(root, str(task.part)),
 }
 
 

@@ -1,8 +1,11 @@
 """clip_embeddings: webdataset tars -> CLIP image/text embeddings, through clip-retrieval.
 
-The output is clip-retrieval's own layout (``img_emb/img_emb_<i>.npy``,
-``text_emb/text_emb_<i>.npy``, ``metadata/metadata_<i>.parquet``), one triple per
-partition of tars, so autofaiss and clip-retrieval's back end read it unchanged.
+The output is clip-retrieval's own layout (``img_emb/img_emb_<part>_<k>.npy``,
+``text_emb/text_emb_<part>_<k>.npy``, ``metadata/metadata_<part>_<k>.parquet``), one
+triple per partition of a part's tars, so autofaiss and clip-retrieval's back end read it
+unchanged. Each dedup part is embedded on its own (one task per part, on as many GPUs as
+the ``gpu`` pool has); ``_parts/<part>.json`` marks a part done, and ``_SUCCESS.json``
+the folder, once every current part is (:func:`gather_embeddings`, run by build_index).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from stages.settings import setting
 
 log = logging.getLogger(__name__)
 
-PLAN = "_plan.json"  # the partitioning that finished partitions belong to
+PLANS = "_plans"  # one plan per part (_plans/<part>.json): the partitions of its tars
+LEGACY_PLAN = "_plan.json"  # the one plan of folders embedded before parts had their own
 DONE = "_done"  # one empty file per finished partition, written after its outputs
 PARTIAL = "_partial"  # where a partition is written before it is moved into place
 OUTPUTS = ("img_emb", "text_emb", "metadata", "stats")
@@ -96,76 +100,157 @@ def compute_embeddings(
     samples: int,
     samples_per_partition: int = 10_000,
 ) -> dict[str, Any]:
-    """Embed every image and caption of ``tars`` into ``layout.embeddings``; skipped when
-    the inputs are unchanged.
+    """Embed every image and caption of ``tars`` into ``layout.embeddings``, part after part
+    (:func:`embed_part`; a tar's part is its folder), then record the folder as complete
+    (:func:`gather_embeddings`). What the pipeline does with one task per part, in one call.
 
-    ``settings.num_prepro_workers`` (JPEG decoding and preprocessing in DataLoader
-    workers) defaults to every core on a GPU, where decoding is the bottleneck (on an H100
-    the bare ViT-B/32 ran at 10,400 samples/s, the stage at 329/s with 16 workers and 211/s
-    with 2), and to 2 on a CPU, where the model itself uses the cores.
-
-    Work is planned in partitions of whole tars (``_plan.json``). A partition, once
-    planned, keeps its tars: shards added later (a retry of failed samples) go to new
-    partitions, so only those are computed; finished partitions are never redone.
     No shard, or no image in them: :class:`~stages.errors.NothingToDo`.
     """
     if not tars:
         raise NothingToDo(f"no finished image shards to embed under {layout.images}: did every download fail?")
     if not samples:
         raise NothingToDo(f"nothing to embed: the {len(tars)} finished image shards under {layout.images} hold no image")
-    output_folder, marker = layout.embeddings, layout.embeddings_marker
+    by_part: dict[str, list[str]] = {}
+    for tar in tars:
+        by_part.setdefault(shard_location(tar)[0], []).append(tar)
+    results = [
+        embed_part(layout, part, part_tars, settings, samples=max(1, samples * len(part_tars) // len(tars)),
+                   samples_per_partition=samples_per_partition)
+        for part, part_tars in sorted(by_part.items())
+    ]  # fmt: skip
+    numbers = gather_embeddings(layout, by_part)
+    return {**numbers, "skipped": all(r.get("skipped") for r in results)}
+
+
+def embed_part(
+    layout: RunLayout,
+    part: str,
+    tars: list[str],
+    settings: EmbeddingSettings,
+    *,
+    samples: int,
+    samples_per_partition: int = 10_000,
+) -> dict[str, Any]:
+    """Embed the shards ``tars`` of one dedup part into ``layout.embeddings``; skipped when
+    the part's marker (``_parts/<part>.json``) records these shards and this model.
+
+    Parts are independent: tasks of different parts may run at once (one per GPU), each
+    writing only its own partitions (``img_emb_<part>_<k>.npy`` ...), plan
+    (``_plans/<part>.json``) and marker. Work is planned in partitions of whole tars: a
+    partition, once planned, keeps its tars; shards added later (a retry of failed samples)
+    go to new partitions, so only those are computed; finished partitions are never redone.
+
+    ``settings.num_prepro_workers`` (JPEG decoding and preprocessing in DataLoader
+    workers) defaults to every core on a GPU, where decoding is the bottleneck (on an H100
+    the bare ViT-B/32 ran at 10,400 samples/s, the stage at 329/s with 16 workers and 211/s
+    with 2), and to 2 on a CPU, where the model itself uses the cores. The model is loaded
+    once per call, whatever the number of partitions.
+    """
+    marker = layout.part_embeddings_marker(part)
     inputs = {"input_fingerprint": fingerprint(tars), "clip_model": settings.clip_model}
     done = marker.done_with(inputs)
     if done is not None:
-        log.info("Skipping clip_embeddings: %s matches the %d input shards", marker.url, len(tars))
+        log.info("Skipping %s: %s matches its %d shards", part, marker.url, len(tars))
         return {**done, "skipped": True}
+    output_folder = layout.embeddings
+    plan_url = storage.join(output_folder, PLANS, f"{part}.json")
+    written = storage.read_json_or_none(plan_url)
+    previous = written or legacy_plan(output_folder, part, tars, settings.clip_model)
+    device = "cpu"
+    if tars and samples:
+        import torch
 
-    import torch
-
-    register_webdataset_schemes()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if settings.num_prepro_workers is None:
-        settings = replace(settings, num_prepro_workers=(os.cpu_count() or 2) if device == "cuda" else 2)
-    plan_url = storage.join(output_folder, PLAN)
-    previous = storage.read_json_or_none(plan_url)
-    plan, kept = extend_plan(
-        previous, tars, settings.clip_model,
-        samples=samples, samples_per_partition=samples_per_partition, workers=settings.num_prepro_workers,
+        register_webdataset_schemes()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if settings.num_prepro_workers is None:
+            settings = replace(settings, num_prepro_workers=(os.cpu_count() or 2) if device == "cuda" else 2)
+    plan, kept = extend_plan(  # shards without an image (every download failed) need no partition
+        previous, part, tars if samples else [], settings.clip_model,
+        samples=samples, samples_per_partition=samples_per_partition, workers=settings.num_prepro_workers or 1,
     )  # fmt: skip
-    if not kept:
-        log.info("Starting a new embedding plan: no %s for these shards and this model", PLAN)
-        _clear(layout)
-    if plan != previous:
+    if not kept and previous:
+        log.info("Starting %s over: its planned shards changed, or the model did", part)
+        remove_partitions(output_folder, [p["name"] for p in previous["partitions"]])
+    if plan != written:
         storage.write_json(plan_url, plan)
     finished = finished_partitions(output_folder)
-    # A partition of a removed batch keeps its number, holding nothing.
-    todo = [i for i, p in enumerate(plan["partitions"]) if i not in finished and p["tars"]]
+    todo = [p for p in plan["partitions"] if p["name"] not in finished]
     log.info(
-        "Embedding %d shards in %d partitions with %s on %s; %d partitions already done",
-        len(tars), len(plan["partitions"]), settings.clip_model, device, len(plan["partitions"]) - len(todo),
+        "Embedding %s: %d shards in %d partitions with %s on %s; %d partitions already done",
+        part, len(tars), len(plan["partitions"]), settings.clip_model, device, len(plan["partitions"]) - len(todo),
     )  # fmt: skip
     started = time.monotonic()
     for partition in todo:
-        embed_partition(partition, plan["partitions"][partition]["tars"], output_folder, settings)
+        embed_partition(partition["name"], partition["tars"], output_folder, settings)
     seconds = time.monotonic() - started
-    count, dim = count_embeddings(layout.embedding_files("img_emb"))
-    text_count, _ = count_embeddings(layout.embedding_files("text_emb"))
+    names = [p["name"] for p in plan["partitions"]]
+    count, dim = count_rows(layout.embedding_files("img_emb"), "img_emb", names)
+    text_count, _ = count_rows(layout.embedding_files("text_emb"), "text_emb", names)
     numbers = {
+        "part": part,
         "count": count,
         "text_count": text_count,
         "dim": dim,
         "device": device,
         "shards": len(tars),
-        "partitions": sum(1 for p in plan["partitions"] if p["tars"]),
+        "partitions": len(names),
         "partitions_computed": len(todo),
         "compute_seconds": round(seconds, 3),
         "samples_per_second": round(count / seconds, 2) if seconds and todo else None,
     }
-    return marker.mark_done(inputs, numbers)  # last: the stage is done once the marker exists
+    return marker.mark_done(inputs, numbers)  # last: the part is done once its marker exists
+
+
+def gather_embeddings(layout: RunLayout, tars_by_part: dict[str, list[str]], *, write: bool = True) -> dict[str, Any]:
+    """Check that every part of ``tars_by_part`` is embedded from exactly those shards with
+    one model, and record the folder as complete (``_SUCCESS.json``: the totals, what
+    build_index and the search service read; not written when ``write`` is False). A clear
+    error names the first part that is not."""
+    parts = sorted(tars_by_part)
+    recorded = {part: layout.part_embeddings_marker(part).read() for part in parts}
+    missing = [part for part, r in recorded.items() if r is None]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(parts)} parts have no embeddings under {layout.embeddings} "
+            f"(first: {missing[0]}): their clip_embeddings task has not finished"
+        )
+    models = sorted({r["clip_model"] for r in recorded.values()})
+    if len(models) > 1:
+        raise ValueError(f"the parts under {layout.embeddings} were embedded with {len(models)} models ({', '.join(models)}): embed them again with one")
+    for part in parts:
+        if recorded[part]["input_fingerprint"] != fingerprint(tars_by_part[part]):
+            raise ValueError(
+                f"the embeddings of {part} are not of its current shards (they changed since: a retry of failed "
+                f"samples?): run clip_embeddings for {part} again"
+            )
+    all_tars = [t for part in parts for t in tars_by_part[part]]
+    count = sum(r["count"] for r in recorded.values())
+    computed = [r for r in recorded.values() if r.get("samples_per_second")]
+    seconds = sum(r["compute_seconds"] for r in computed)
+    numbers = {
+        "count": count,
+        "text_count": sum(r["text_count"] for r in recorded.values()),
+        "dim": max((r["dim"] for r in recorded.values()), default=0),
+        "device": next((r["device"] for r in computed), next((r["device"] for r in recorded.values()), None)),
+        "parts": len(parts),
+        "shards": len(all_tars),
+        "partitions": sum(r["partitions"] for r in recorded.values()),
+        "partitions_computed": sum(r["partitions_computed"] for r in recorded.values()),
+        "compute_seconds": round(seconds, 3),
+        "samples_per_second": round(sum(r["count"] for r in computed) / seconds, 2) if seconds else None,
+    }
+    inputs = {"input_fingerprint": fingerprint(all_tars), "clip_model": models[0] if models else None}
+    if not write:
+        return {**numbers, **inputs}
+    done = layout.embeddings_marker.done_with(inputs)
+    if done is not None and done.get("count") == count:
+        return done
+    return layout.embeddings_marker.mark_done(inputs, numbers)
 
 
 def extend_plan(
     previous: dict[str, Any] | None,
+    part: str,
     tars: list[str],
     clip_model: str,
     *,
@@ -173,12 +258,12 @@ def extend_plan(
     samples_per_partition: int,
     workers: int,
 ) -> tuple[dict[str, Any], bool]:
-    """(the embedding plan for ``tars``, whether ``previous`` was kept).
+    """(the embedding plan of one part for ``tars``, whether ``previous`` was kept).
 
-    The plan is ``previous`` plus partitions for the tars it lacks, each holding the tars of
-    one part (so a removed batch takes whole partitions with it). ``previous`` is kept
+    The plan is ``previous`` plus partitions for the tars it lacks. ``previous`` is kept
     only when it was made for ``clip_model`` and every tar it planned is still there,
-    unchanged; otherwise the plan starts over.
+    unchanged; otherwise the plan starts over. A partition is named ``<part>_<k>``, ``k``
+    counting up within the part, so names never repeat while the plan is kept.
     """
     planned = (previous or {}).get("partitions")
     current = set(tars)
@@ -188,77 +273,89 @@ def extend_plan(
         and all(set(p["tars"]) <= current and p["fingerprint"] == fingerprint(p["tars"]) for p in planned)
     )
     partitions = list(planned) if keep else []
+    next_k = previous.get("next", len(partitions)) if keep else 0
     seen = {t for p in partitions for t in p["tars"]}
-    new_by_part: dict[str, list[str]] = {}
-    for tar in tars:
-        if tar not in seen:
-            new_by_part.setdefault(shard_location(tar)[0], []).append(tar)
-    for part, new in sorted(new_by_part.items()):  # a partition holds one part's tars only
-        count, _ = plan_partitions(len(new), workers, max(1, samples * len(new) // len(tars)), samples_per_partition)
+    new = [t for t in tars if t not in seen]
+    if new:
+        count, _ = plan_partitions(len(new), workers, max(1, samples * len(new) // max(1, len(tars))), samples_per_partition)
         for i in range(count):
             group = new[i * len(new) // count : (i + 1) * len(new) // count]
-            partitions.append({"part": part, "tars": group, "fingerprint": fingerprint(group)})
-    return {"clip_model": clip_model, "partitions": partitions}, keep
+            partitions.append({"name": f"{part}_{next_k:0{PARTITION_DIGITS}d}", "tars": group, "fingerprint": fingerprint(group)})
+            next_k += 1
+    return {"part": part, "clip_model": clip_model, "partitions": partitions, "next": next_k}, keep
 
 
-def drop_parts(layout: RunLayout, parts: set[str]) -> dict[str, Any] | None:
-    """Take the embedding partitions of ``parts`` out of ``layout.embeddings`` (a removed
-    batch): their files go, their numbers stay in the plan holding nothing, and the marker
-    is rewritten for the shards that remain. None when nothing was embedded yet."""
-    output_folder = layout.embeddings
-    plan_url = storage.join(output_folder, PLAN)
-    plan = storage.read_json_or_none(plan_url)
-    if plan is None:
+def legacy_plan(output_folder: str, part: str, tars: list[str], clip_model: str | None) -> dict[str, Any] | None:
+    """A part's plan taken from a folder embedded before parts had their own plans (one
+    ``_plan.json`` numbering every partition): its finished partitions of this part keep
+    their files (``img_emb_00003.npy``) and are not computed again."""
+    old = storage.read_json_or_none(storage.join(output_folder, LEGACY_PLAN))
+    if not old or (clip_model is not None and old.get("clip_model") != clip_model):
         return None
     fs, path = url_to_fs(output_folder)
-    dropped = [i for i, p in enumerate(plan["partitions"]) if p["tars"] and (p.get("part") or shard_location(p["tars"][0])[0]) in parts]
-    for i in dropped:
-        if fs.exists(posixpath.join(path, DONE, str(i))):
-            fs.rm(posixpath.join(path, DONE, str(i)))
-        for sub in OUTPUTS:
-            for produced in fs.glob(posixpath.join(path, sub, f"{sub}_{i:0{PARTITION_DIGITS}d}.*")):
-                fs.rm(produced)
-        plan["partitions"][i] = {**plan["partitions"][i], "tars": [], "fingerprint": fingerprint([]), "removed": True}
-    storage.write_json(plan_url, plan)
-    recorded = layout.embeddings_marker.read()
-    if recorded is None:
-        return {"partitions_removed": len(dropped)}
-    tars = [t for p in plan["partitions"] for t in p["tars"]]
-    count, dim = count_embeddings(layout.embedding_files("img_emb"))
-    text_count, _ = count_embeddings(layout.embedding_files("text_emb"))
-    inputs = {"input_fingerprint": fingerprint(layout.current_shards()), "clip_model": recorded["clip_model"]}
-    numbers = {**recorded, "count": count, "text_count": text_count, "dim": dim, "shards": len(tars),
-               "partitions": sum(1 for p in plan["partitions"] if p["tars"]), "partitions_computed": 0}  # fmt: skip
-    layout.embeddings_marker.mark_done(inputs, numbers)
-    return {"partitions_removed": len(dropped), "count": count}
+    finished = finished_partitions(output_folder)
+    adopted = []
+    for i, p in enumerate(old.get("partitions", [])):
+        if p["tars"] and (p.get("part") or shard_location(p["tars"][0])[0]) == part and str(i) in finished:
+            name = f"{i:0{PARTITION_DIGITS}d}"
+            if not fs.exists(posixpath.join(path, DONE, name)):
+                storage.write_text(storage.join(output_folder, DONE, name), "")
+            adopted.append({"name": name, "tars": p["tars"], "fingerprint": p["fingerprint"]})
+    if not adopted or not all(set(p["tars"]) <= set(tars) for p in adopted):
+        return None
+    return {"part": part, "clip_model": clip_model, "partitions": adopted, "next": 0}
 
 
-def _clear(layout: RunLayout) -> None:
-    """Remove every embedding and the marker: the plan starts over."""
-    layout.embeddings_marker.clear()
-    fs, path = url_to_fs(layout.embeddings)
-    for sub in (*OUTPUTS, DONE, PARTIAL, PLAN):
-        if fs.exists(posixpath.join(path, sub)):
-            fs.rm(posixpath.join(path, sub), recursive=True)
-
-
-def finished_partitions(output_folder: str) -> set[int]:
+def remove_partitions(output_folder: str, names: list[str]) -> None:
+    """Remove the files of the partitions ``names`` and their done files."""
     fs, path = url_to_fs(output_folder)
-    return {int(posixpath.basename(p)) for p in fs.glob(posixpath.join(path, DONE, "*"))}
+    for name in names:
+        for sub in OUTPUTS:
+            for produced in fs.glob(posixpath.join(path, sub, f"{sub}_{name}.*")):
+                fs.rm(produced)
+        if fs.exists(posixpath.join(path, DONE, name)):
+            fs.rm(posixpath.join(path, DONE, name))
 
 
-def partition_file(sub: str, partition: int, produced: str) -> str:
-    """``img_emb_0.npy`` from clip-retrieval -> ``img_emb_00003.npy`` for partition 3.
+def drop_parts(layout: RunLayout, parts: set[str]) -> dict[str, Any]:
+    """Take the embeddings of ``parts`` out of ``layout.embeddings`` (a removed batch):
+    their partitions' files, plans and markers go. The folder's marker is removed too:
+    build_index records the folder again (:func:`gather_embeddings`)."""
+    output_folder = layout.embeddings
+    removed = 0
+    for part in sorted(parts):
+        plan_url = storage.join(output_folder, PLANS, f"{part}.json")
+        plan = storage.read_json_or_none(plan_url) or legacy_plan(output_folder, part, layout.current_shards([part]), None) or {}
+        names = [p["name"] for p in plan.get("partitions", [])]
+        remove_partitions(output_folder, names)
+        removed += len(names)
+        layout.part_embeddings_marker(part).clear()
+        if storage.exists(plan_url):
+            storage.remove(plan_url)
+    layout.embeddings_marker.clear()
+    return {"partitions_removed": removed}
 
-    Zero-padded, so name order (the order autofaiss and the search service read the
-    files in) is partition order however many partitions are added later.
+
+def finished_partitions(output_folder: str) -> set[str]:
+    """The names of the partitions whose files are in place (``_done/<name>``)."""
+    fs, path = url_to_fs(output_folder)
+    return {posixpath.basename(p) for p in fs.glob(posixpath.join(path, DONE, "*"))}
+
+
+def partition_file(sub: str, partition: str, produced: str) -> str:
+    """``img_emb_0.npy`` from clip-retrieval -> ``img_emb_part-00003_00001.npy`` for
+    partition ``part-00003_00001``.
+
+    Zero-padded part and partition numbers, so name order (the order autofaiss and the
+    search service read the files in) is part order, then partition order, however many
+    parts and partitions are added later.
     """
     suffix = posixpath.splitext(produced)[1]
-    return f"{sub}_{partition:0{PARTITION_DIGITS}d}{suffix}"
+    return f"{sub}_{partition}{suffix}"
 
 
 def embed_partition(
-    partition: int,
+    partition: str,
     tars: list[str],
     output_folder: str,
     settings: EmbeddingSettings,
@@ -382,6 +479,19 @@ def npy_headers(folder: str) -> list[NpyFile]:
         with fs.open(npy, "rb") as f:
             found.append(read_npy_header(f, npy))
     return found
+
+
+def count_rows(folder: str, sub: str, partitions: list[str]) -> tuple[int, int]:
+    """(rows, dim) over the .npy files of ``partitions`` in ``folder``, reading only their headers."""
+    fs, path = url_to_fs(folder)
+    rows, dim = 0, 0
+    for name in partitions:
+        npy = posixpath.join(path, f"{sub}_{name}.npy")
+        if fs.exists(npy):  # a partition whose shards held no image writes no npy
+            with fs.open(npy, "rb") as f:
+                header = read_npy_header(f, npy)
+            rows, dim = rows + header.rows, header.dim
+    return rows, dim
 
 
 def count_embeddings(folder: str) -> tuple[int, int]:

@@ -14,7 +14,8 @@ inputs instead of reading marker files themselves.
       dedup/keys/batch-<n>/         the keys of each batch's rows, for later batches' dedup
       images/<part>/0000000000.tar  webdataset shards; <shard>_stats.json marks each done,
                                     images/<part>/_state/_done-<version>.json the part
-      embeddings/{img_emb,text_emb,metadata}/   clip-retrieval's layout; _SUCCESS.json
+      embeddings/{img_emb,text_emb,metadata}/   clip-retrieval's layout, files named by part;
+                                    _parts/<part>.json marks a part, _SUCCESS.json the folder
       index/{image,text}.index      autofaiss indexes; _SUCCESS.json marks the pair
       index/metadata/, index/offsets/<part>/<shard>.parquet   search files; _SEARCH.json
       report/report.{json,html}
@@ -144,6 +145,10 @@ class RunLayout:
     def embeddings_marker(self) -> Marker:
         return Marker(self.path("embeddings", EMBEDDINGS_MARKER), "clip_embeddings")
 
+    def part_embeddings_marker(self, part: str) -> Marker:
+        """Written when one dedup part's shards are embedded (``embeddings/_parts/<part>.json``)."""
+        return Marker(self.path("embeddings", "_parts", f"{part}.json"), f"clip_embeddings[{part}]")
+
     @property
     def index_marker(self) -> Marker:
         return Marker(self.path("index", INDEX_MARKER), "build_index")
@@ -184,17 +189,20 @@ class RunLayout:
         found = [b for b in stats.get("batches", []) if batch is None or b["batch"] == batch]
         return [p.split(".")[0] for p in found[-1]["parts"]] if found else []
 
-    def pending_parts(self, dedup_stats: Mapping[str, Any] | None = None) -> list[str]:
-        """The current parts whose download has not finished: no download marker for the
-        version of their rows (one listing of the image folders' markers)."""
+    def pending_parts(self, dedup_stats: Mapping[str, Any] | None = None, clip_model: str | None = None) -> list[str]:
+        """The current parts whose download has not finished (no download marker for the
+        version of their rows: one listing of the image folders' markers) or, given
+        ``clip_model``, whose embeddings with that model have not (no part marker naming it)."""
         stats = self.dedup_stats() if dedup_stats is None else dedup_stats
         fs, root = url_to_fs(self.images)
         done = {posixpath.relpath(path, root) for path in fs.glob(posixpath.join(root, "*", STATE_DIR, "_done-*.json"))}
         versions = self.part_versions(stats)  # once: a dataset may have tens of thousands of parts
-        return [
-            part for part in self.current_parts(stats)
-            if posixpath.join(part, STATE_DIR, download_marker_name(versions.get(part) or self.part_version(part, stats))) not in done
-        ]  # fmt: skip
+        pending = []
+        for part in self.current_parts(stats):
+            downloaded = posixpath.join(part, STATE_DIR, download_marker_name(versions.get(part) or self.part_version(part, stats))) in done
+            if not downloaded or (clip_model is not None and not self.part_embeddings_marker(part).done_with({"clip_model": clip_model})):
+                pending.append(part)
+        return pending
 
     def part(self, part: str) -> str:
         """A dedup part's parquet file (``dedup/part-00003.parquet``)."""

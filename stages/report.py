@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from stages import storage
 from stages.errors import NothingToDo
 from stages.images.shards import summarize_shards
+from stages.embeddings import gather_embeddings
 from stages.layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,9 @@ def build_report(
     dedup = layout.dedup_stats()
     shards = summarize_shards(layout.images, layout.current_parts(dedup))
     finished = {name: states.get(name, SUCCESS) == SUCCESS for name in STAGE_ORDER}
-    embeddings = layout.embeddings_marker.recorded() if finished["clip_embeddings"] else None
+    # Each part's task marks its own embeddings: their totals, as build_index records them.
+    tars_by_part = {part: layout.current_shards([part]) for part in layout.current_parts(dedup)}
+    embeddings = gather_embeddings(layout, tars_by_part, write=False) if finished["clip_embeddings"] else None
     index = layout.index_marker.recorded() if finished["build_index"] else None
     count = shards["count"]
     download = {

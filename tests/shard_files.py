@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import tarfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stages.layout import RunLayout
 
 
 def samples(output: Path) -> list[tuple[str, str]]:
@@ -23,3 +27,15 @@ def samples(output: Path) -> list[tuple[str, str]]:
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     """Every file under ``folder``: its bytes and modification time, by relative path."""
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def mark_embedded(layout: "RunLayout", count: int, *, dim: int = 512, device: str = "cpu", clip_model: str = "m") -> None:
+    """Each current part's embeddings marked done, as its clip_embeddings task marks them
+    after a model ran (none runs here): the first part holds ``count`` embeddings, the others none."""
+    from stages.embeddings import fingerprint
+
+    for i, part in enumerate(layout.current_parts()):
+        n = count if i == 0 else 0
+        numbers = {"part": part, "count": n, "text_count": n, "dim": dim, "device": device, "partitions": 1,
+                   "partitions_computed": 1, "compute_seconds": 1.0, "samples_per_second": float(n) or None}  # fmt: skip
+        layout.part_embeddings_marker(part).mark_done({"input_fingerprint": fingerprint(layout.current_shards([part])), "clip_model": clip_model}, numbers)

@@ -2,8 +2,8 @@
 
 Everything is read where the run lies (a local path or s3://) through its
 :class:`~stages.layout.RunLayout`: a sample is one ranged read of its tar, an embedding
-row one ranged read of its ``.npy``; nothing is unpacked or copied whole, the image
-index aside when it is remote (faiss maps local files only).
+row a read of its memory-mapped ``.npy`` (one ranged read on S3); nothing is unpacked or
+copied whole, the image index aside when it is remote (faiss maps local files only).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 from fsspec.core import url_to_fs
 
 from stages import storage
-from stages.embeddings import NpyFile, npy_headers
+from stages.index.rerank import StoredVectors, candidates_for, rerank
 from stages.layout import RunLayout, shard_location
 
 log = logging.getLogger(__name__)
@@ -82,28 +82,12 @@ class SampleReader:
         return fs.cat_file(path, start=offset, end=offset + size)
 
 
-class EmbeddingRows:
-    """Row ``i`` of the embeddings in index order, read by byte range from its .npy file."""
-
-    def __init__(self, folder: str) -> None:
-        self.folder = folder
-
-    @cached_property
-    def files(self) -> list[NpyFile]:
-        """Every .npy of the folder, in the order autofaiss read them (by name)."""
-        return npy_headers(self.folder)
+class EmbeddingRows(StoredVectors):
+    """Row ``i`` of the embeddings in index order: memory-mapped from its .npy file, or one
+    ranged read of it on S3."""
 
     def row(self, i: int) -> Any:
-        import numpy as np
-
-        fs, _ = url_to_fs(self.folder)
-        asked = i
-        for npy in self.files:
-            if i < npy.rows:
-                start = npy.data_offset + i * npy.dim * npy.dtype.itemsize
-                return np.frombuffer(fs.cat_file(npy.path, start=start, end=start + npy.dim * npy.dtype.itemsize), dtype=npy.dtype)
-            i -= npy.rows
-        raise IndexError(f"no embedding row {asked} under {self.folder} ({asked - i} rows)")
+        return self.take([i])[0]
 
 
 class RunIndex:
@@ -135,7 +119,24 @@ class RunIndex:
             index = faiss.read_index(url)
         if self.built.get("image", {}).get("index_param"):
             faiss.ParameterSpace().set_index_parameters(index, self.built["image"]["index_param"])
+        if self.rerank_k > 10:
+            self.indexed_vectors.open()  # mapped now: a batch removed later leaves these rows readable
         return index
+
+    @property
+    def rerank_k(self) -> int:
+        """Candidates per 10 results that build_index chose to re-rank exactly (0 or 10: none)."""
+        return int(self.built.get("image", {}).get("rerank_k") or 0)
+
+    @cached_property
+    def indexed_vectors(self) -> StoredVectors:
+        """The stored image embeddings the index holds, in its row order (the npy files its marker names)."""
+        built = self.built.get("image", {})
+        stored = StoredVectors(self.layout.embedding_files("img_emb"), names=list(built["files"]) if "files" in built else None)
+        if "ntotal" in built and stored.total != built["ntotal"]:
+            raise ValueError(f"the npy files under {stored.folder} hold {stored.total} rows, the image index {built['ntotal']}: "
+                             "rerun build_index")
+        return stored
 
     @cached_property
     def built(self) -> dict[str, Any]:
@@ -178,7 +179,12 @@ class RunIndex:
 
         query = np.array(vector, dtype="float32").reshape(1, -1)
         query /= np.linalg.norm(query) or 1.0
-        scores, ids = self.index.search(query, k)
+        # A compressed index's codes rank only roughly: its top k' are re-ranked by exact
+        # inner products with their stored rows (k' rows read from the npy files).
+        wanted = candidates_for(self.rerank_k, k, self.index.ntotal)
+        scores, ids = self.index.search(query, wanted)
+        if wanted > k:
+            scores, ids = rerank(query, ids, self.indexed_vectors, k)
         hits = []
         for score, i in zip(scores[0].tolist(), ids[0].tolist()):
             if i < 0:

@@ -15,16 +15,18 @@ from typing import Any
 from fsspec.core import url_to_fs
 
 from stages import storage
-from stages.embeddings import count_embeddings, fingerprint, load_embeddings
+from stages.embeddings import count_embeddings, fingerprint
 from stages.errors import NothingToDo
+from stages.index.rerank import StoredVectors, fewest_candidates, leave_out, recall_of, sample_positions, streamed_neighbours
 from stages.layout import RunLayout
 from stages.settings import setting
 
 log = logging.getLogger(__name__)
 
 KINDS = {"image": "img_emb", "text": "text_emb"}  # index name -> its embeddings folder
-# recall@10 that the search-time nprobe must keep, measured on rows of the index (queries
-# from outside the index, as a search service gets, measured about 0.01 lower here).
+# recall@10 that the search-time nprobe (and, for compressed codes, the re-ranking of k'
+# candidates) must keep, measured on rows of the index (queries from outside the index, as
+# a search service gets, measured about 0.01 lower here).
 RECALL_TARGET = 0.97
 # An index grows by add() up to this many times the vectors autofaiss built it on: autofaiss
 # chose its key and list count for that size, and lists grown past it get slow to scan.
@@ -66,9 +68,12 @@ def build_indexes(
     ``GROWTH_FACTOR`` times the vectors it was trained on; it is emptied and refilled with
     the current files (``readded``, the trained quantizer kept) when some of its files are
     gone; the new files' vectors are added (``added``) otherwise. An index grown either way
-    is then tuned again (:func:`fewest_probes`) and is retrained after all when its
-    recall@10 falls below ``RECALL_TARGET`` (or, for one whose build already missed it,
-    more than ``RECALL_SLACK`` below its recall when built).
+    is then tuned again (:func:`tune_search`: nprobe, and the candidates k' re-ranked
+    exactly when its codes are compressed) and is retrained after all when its recall@10
+    falls below ``RECALL_TARGET`` (or, for one whose build already missed it, more than
+    ``RECALL_SLACK`` below its recall when built). Recall is measured by streaming over the
+    npy files: the vectors are never all in memory here (autofaiss keeps to
+    ``current_memory_available`` on its side).
 
     The two indexes are one publication: both are made in a local temporary folder, and
     only when both are complete is the old marker removed, each file copied to its final
@@ -197,29 +202,29 @@ def grow_one(
         return f"{layout.index_file(name)} holds {index.ntotal} vectors, its marker says {before['ntotal']}"
     if action == READDED:
         index.reset()  # an IVF index keeps its trained quantizer (and PQ): only its lists are emptied
-    vectors = load_embeddings(embeddings)
+    stored = StoredVectors(embeddings, names=list(files))
     start = int(index.ntotal)  # the files the index holds come first
-    index.add(vectors[start:])
-    sample, truth = exact_neighbours(vectors, queries=recall_queries, k=10)
+    for _, block in stored.blocks(start):
+        index.add(block)
     chosen = before.get("autofaiss_index_param")
-    index_param = fewest_probes(index, sample, truth, chosen, RECALL_TARGET)
-    recall = recall_of(index, sample, truth, index_param)
+    tuned = tune_search(index, stored, chosen, recall_queries=recall_queries)
     floor = min(RECALL_TARGET, before.get("trained_recall_at_10", RECALL_TARGET) - RECALL_SLACK)
-    if recall < floor:
+    if tuned["recall_at_10"] < floor:
         os.remove(index_path)
-        return f"recall@10 {recall:.3f} after adding is below {floor:.3f}"
+        return f"recall@10 {tuned['recall_at_10']:.3f} after adding is below {floor:.3f}"
     faiss.write_index(index, index_path)
     size = os.path.getsize(index_path)
     infos = storage.read_json_or_none(storage.join(layout.index, f"{name}_infos.json")) or {}
-    updated = {"index_param": index_param, "autofaiss_index_param": chosen, "nb vectors": int(index.ntotal), "size in bytes": size}
+    updated = {"index_param": tuned["index_param"], "rerank_k": tuned["rerank_k"], "autofaiss_index_param": chosen,
+               "nb vectors": int(index.ntotal), "size in bytes": size}
     storage.write_json(os.path.join(local_folder, f"{name}_infos.json"), {**infos, **updated})
-    log.info("%s index: %s %d vectors, now %d; recall@10 %.3f at %s", name, action, len(vectors) - start, index.ntotal, recall, index_param)
+    log.info("%s index: %s %d vectors, now %d; recall@10 %.3f at %s, %d candidates",
+             name, action, stored.total - start, index.ntotal, tuned["recall_at_10"], tuned["index_param"], tuned["rerank_k"])
     return {
         **before,
-        "index_param": index_param,
+        **tuned,
         "ntotal": int(index.ntotal),
         "size_bytes": size,
-        "recall_at_10": round(recall, 4),
         "build_seconds": round(time.monotonic() - started, 3),
         "files": files,
         "action": action,
@@ -249,11 +254,11 @@ def build_one(
     nb_cores: int | None,
 ) -> dict[str, Any]:
     """Build ``<local_folder>/<name>.index`` and its infos from one embeddings folder; its numbers."""
-    vectors = load_embeddings(embeddings)
-    if len(vectors) == 0:
+    count, dim = count_embeddings(embeddings)
+    if count == 0:
         raise NothingToDo(f"no embeddings under {embeddings}: nothing to index")
     from autofaiss import build_index  # seconds of imports: only once there is something to index
-    index_key = index_key or flat_key_within_budget(len(vectors), vectors.shape[1], max_index_memory_usage)
+    index_key = index_key or flat_key_within_budget(count, dim, max_index_memory_usage)
     os.makedirs(local_folder, exist_ok=True)
     index_path = os.path.join(local_folder, f"{name}.index")
     infos_path = os.path.join(local_folder, f"{name}_infos.json")
@@ -274,24 +279,21 @@ def build_one(
     seconds = time.monotonic() - started
     if index is None:
         raise RuntimeError(f"autofaiss built no {name} index from {embeddings} (infos: {infos})")
-    sample, truth = exact_neighbours(vectors, queries=recall_queries, k=10)
     chosen = (infos or {}).get("index_param")
-    index_param = fewest_probes(index, sample, truth, chosen, RECALL_TARGET)
-    recall = recall_of(index, sample, truth, index_param)
-    if index_param != chosen:
-        log.info("%s index: %s keeps recall@10 %.3f (autofaiss chose %s)", name, index_param, recall, chosen)
-        storage.write_json(infos_path, {**infos, "index_param": index_param, "autofaiss_index_param": chosen})
+    tuned = tune_search(index, StoredVectors(embeddings), chosen, recall_queries=recall_queries)
+    log.info("%s index: %s and %d candidates keep recall@10 %.3f (%.3f without re-ranking; autofaiss chose %s)",
+             name, tuned["index_param"], tuned["rerank_k"], tuned["recall_at_10"], tuned["recall_at_10_without_rerank"], chosen)
+    storage.write_json(infos_path, {**infos, "index_param": tuned["index_param"], "rerank_k": tuned["rerank_k"], "autofaiss_index_param": chosen})
     size = os.path.getsize(index_path)
     return {
         "index_key": (infos or {}).get("index_key"),
-        "index_param": index_param,
+        **tuned,
         "autofaiss_index_param": chosen,
         "ntotal": int(index.ntotal),
         "size_bytes": size,
-        "recall_at_10": round(recall, 4),
         "build_seconds": round(seconds, 3),
         "trained_on": int(index.ntotal),
-        "trained_recall_at_10": round(recall, 4),
+        "trained_recall_at_10": tuned["recall_at_10"],
     }
 
 
@@ -315,33 +317,25 @@ def flat_key_within_budget(count: int, dim: int, max_index_memory_usage: str) ->
 
 
 def exact_neighbours(vectors: Any, *, queries: int, k: int, seed: int = 0) -> tuple[Any, Any]:
-    """(a sample of ``queries`` rows, their exact inner-product top-``k`` among all rows)."""
+    """(a sample of ``queries`` rows, their exact inner-product top-``k`` among all rows), all
+    in memory: the reference that :func:`~stages.index.rerank.streamed_neighbours` streams."""
     import faiss
     import numpy as np
 
     vectors = np.ascontiguousarray(vectors, dtype="float32")
     k = min(k, len(vectors))
-    rng = np.random.default_rng(seed)
-    sample = vectors[rng.choice(len(vectors), size=min(queries, len(vectors)), replace=False)]
+    sample = vectors[sample_positions(len(vectors), queries, seed)]
     exact = faiss.IndexFlatIP(vectors.shape[1])
     exact.add(vectors)
     _, truth = exact.search(sample, k)
     return sample, truth
 
 
-def recall_of(index: Any, sample: Any, truth: Any, index_param: str | None) -> float:
-    """Mean overlap of the index's top-k with the exact top-k ``truth`` of ``sample``."""
-    import faiss
-
-    if index_param:
-        faiss.ParameterSpace().set_index_parameters(index, index_param)
-    _, found = index.search(sample, truth.shape[1])
-    hits = sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist()))
-    return hits / truth.size
-
-
-def fewest_probes(index: Any, sample: Any, truth: Any, index_param: str | None, target: float) -> str | None:
-    """``index_param`` with the smallest ``nprobe`` whose recall still reaches ``target``.
+def fewest_probes(
+    index: Any, sample: Any, truth: Any, index_param: str | None, target: float, candidates: int | None = None, exclude: Any = None
+) -> str | None:
+    """``index_param`` with the smallest ``nprobe`` whose recall (re-ranking ``candidates``
+    per query, if given; see :func:`~stages.index.rerank.recall_of`) still reaches ``target``.
 
     autofaiss picks ``nprobe`` from a query-time budget (10 ms by default), not from
     recall; on clustered embeddings far fewer lists hold the true neighbours (57 lists at
@@ -357,12 +351,49 @@ def fewest_probes(index: Any, sample: Any, truth: Any, index_param: str | None, 
         return ",".join(f"{key}={n if key == 'nprobe' else value}" for key, value in params.items())
 
     low, high = 1, int(params["nprobe"])
-    if recall_of(index, sample, truth, with_probes(high)) < target:
+    if recall_of(index, sample, truth, with_probes(high), candidates, exclude) < target:
         return index_param
     while low < high:
         middle = (low + high) // 2
-        if recall_of(index, sample, truth, with_probes(middle)) >= target:
+        if recall_of(index, sample, truth, with_probes(middle), candidates, exclude) >= target:
             high = middle
         else:
             low = middle + 1
     return with_probes(high)
+
+
+def tune_search(index: Any, stored: StoredVectors, chosen: str | None, *, recall_queries: int) -> dict[str, Any]:
+    """The search settings of ``index`` over ``stored`` and their recall@10: ``index_param``
+    (:func:`fewest_probes`) and, where the index's codes alone miss ``RECALL_TARGET`` (PQ),
+    ``rerank_k`` candidates re-ranked exactly (:func:`fewest_candidates`, 10: none).
+
+    With re-ranking, recall is measured with each query's own row left out of its truth
+    and its results (:func:`~stages.index.rerank.leave_out`): a row finds itself among any
+    candidates, so k' measured with it would be too few for queries from outside the index.
+    ``nprobe`` is bisected again for the recall at that k', and k' chosen again at the
+    nprobe found: fewer lists, then as few rows read from the npy files as that allows.
+    Exact neighbours are found by streaming over the npy files
+    (:func:`~stages.index.rerank.streamed_neighbours`); ``recall_at_10_without_rerank`` is
+    the index's alone, at the nprobe chosen without re-ranking (autofaiss's where even
+    that misses the target), measured as the recall with re-ranking is.
+    """
+    sample, truth = streamed_neighbours(stored, queries=recall_queries, k=11)
+    k = min(10, stored.total)
+    index_param = fewest_probes(index, sample, truth[:, :k], chosen, RECALL_TARGET)
+    plain = recall_of(index, sample, truth[:, :k], index_param)
+    if plain >= RECALL_TARGET or stored.total <= k:
+        return {"index_param": index_param, "rerank_k": k, "recall_at_10": round(plain, 4), "recall_at_10_without_rerank": round(plain, 4)}
+    own = sample_positions(stored.total, recall_queries)
+    truth = leave_out(truth, own, k)
+    plain = recall_of(index, sample, truth, index_param, exclude=own)
+    rerank_k = fewest_candidates(index, sample, truth, index_param, RECALL_TARGET, own)
+    if rerank_k > k:
+        index_param = fewest_probes(index, sample, truth, index_param, RECALL_TARGET, rerank_k, own)
+        rerank_k = fewest_candidates(index, sample, truth, index_param, RECALL_TARGET, own)
+    recall = recall_of(index, sample, truth, index_param, rerank_k, own)
+    return {
+        "index_param": index_param,
+        "rerank_k": rerank_k,
+        "recall_at_10": round(recall, 4),
+        "recall_at_10_without_rerank": round(plain, 4),
+    }

@@ -28,7 +28,8 @@ def rendered(dag: Any, task_id: str, conf: dict[str, Any]) -> dict[str, Any]:
     """The task's ``settings`` as a run of ``dag`` with ``conf`` renders them (native objects)."""
     params = {**{name: param.value for name, param in dag.params.items()}, **conf}
     env = dag.get_template_env()
-    templates = dag.get_task(task_id).partial_kwargs["settings"]
+    task = dag.get_task(task_id)  # mapped on its own (a retry's downloads) or in the per-part group
+    templates = task.partial_kwargs["settings"] if hasattr(task, "partial_kwargs") else task.settings
     return {name: env.from_string(template).render(params=params) for name, template in templates.items()}
 
 

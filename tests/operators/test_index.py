@@ -3,18 +3,20 @@ once; no embeddings fails at once."""
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from airflow.sdk.exceptions import AirflowFailException
 
 from operators.index import BuildIndexOperator
 from operators.params import params_of
 from stages.index.build import IndexSettings
 from stages.layout import RunLayout
+from stages.embeddings import fingerprint
+from shard_files import mark_embedded
 
 
 def test_the_trigger_form_keeps_its_names_and_defaults() -> None:
@@ -33,7 +35,11 @@ def test_an_empty_index_key_lets_autofaiss_choose(tmp_path: Path) -> None:
 
 def test_builds_the_indexes_and_the_search_files_once(tmp_path: Path) -> None:
     layout = RunLayout(str(tmp_path))
-    layout.dedup_marker.mark_done({"input_fingerprint": "d", "partitions": 1}, {"parts": []})
+    layout.dedup_marker.mark_done({"input_fingerprint": "d", "partitions": 1}, {"parts": ["part-00000.parquet"]})
+    shards = Path(layout.part_images("part-00000"))
+    shards.mkdir(parents=True)
+    tarfile.open(shards / "0000000000.tar", "w").close()  # its members are not read here
+    (shards / "0000000000_stats.json").write_text('{"count": 300, "successes": 300}')
     rng = np.random.default_rng(0)
     for sub in ("img_emb", "text_emb"):
         vectors = rng.normal(size=(300, 16)).astype("float32")
@@ -41,7 +47,7 @@ def test_builds_the_indexes_and_the_search_files_once(tmp_path: Path) -> None:
         np.save(Path(layout.embeddings, sub, f"{sub}_00000.npy"), vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
     Path(layout.embeddings, "metadata").mkdir()
     pq.write_table(pa.table({"image_path": [f"{i:012d}" for i in range(300)]}), Path(layout.embeddings, "metadata", "metadata_00000.parquet"))
-    layout.embeddings_marker.mark_done({"input_fingerprint": "e", "clip_model": "m"}, {"count": 300})
+    mark_embedded(layout, 300)
 
     settings = {"max_index_memory_usage": "4G", "current_memory_available": "8G", "index_key": None}
     operator = BuildIndexOperator(task_id="build_index", output_root=str(tmp_path), settings=settings)
@@ -53,11 +59,13 @@ def test_builds_the_indexes_and_the_search_files_once(tmp_path: Path) -> None:
     assert again["skipped"] is True and again["search"]["skipped"] is True
 
 
-def test_no_embeddings_is_nothing_to_index(tmp_path: Path) -> None:
-    """Fails at once (no retries): indexing the same empty folder again fails the same way."""
+def test_a_part_not_embedded_is_named(tmp_path: Path) -> None:
+    """build_index records every part's embeddings as one folder first: a part whose
+    clip_embeddings task has not finished is named, and nothing is built."""
     layout = RunLayout(str(tmp_path))
-    Path(layout.embedding_files("img_emb")).mkdir(parents=True)
+    layout.dedup_marker.mark_done({"input_fingerprint": "d", "partitions": 2}, {"parts": ["part-00000.parquet", "part-00001.parquet"]})
+    layout.part_embeddings_marker("part-00000").mark_done({"input_fingerprint": fingerprint([]), "clip_model": "m"}, {"count": 0})
     operator = BuildIndexOperator(task_id="build_index", output_root=str(tmp_path), settings={})
-    with pytest.raises(AirflowFailException, match=r"no embeddings under .*img_emb: nothing to index"):
+    with pytest.raises(FileNotFoundError, match=r"1 of 2 parts have no embeddings under .*embeddings \(first: part-00001\)"):
         operator.execute(context={})
     assert not layout.has_index()

@@ -13,6 +13,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from operators.base import FAILURE_KEY
 from operators.report import ReportOperator, stage_outcomes
 from stages.layout import RunLayout
+from shard_files import mark_embedded
 
 REPO = Path(__file__).resolve().parents[2]
 INDEXED = {"index_key": "Flat", "ntotal": 3, "size_bytes": 45, "recall_at_10": 1.0, "build_seconds": 0.1}
@@ -59,7 +60,7 @@ def report_of(tmp_path: Path) -> dict[str, Any]:
 def test_reports_single_and_mapped_tasks(tmp_path: Path) -> None:
     layout = RunLayout(str(tmp_path))
     shards(layout, {"count": 2, "successes": 2, "status_dict": {"success": 2}})
-    layout.embeddings_marker.mark_done({"input_fingerprint": "e", "clip_model": "m"}, {"count": 4, "dim": 512})
+    mark_embedded(layout, 4)
     layout.index_marker.mark_done({"input_fingerprint": "i"}, {"image": INDEXED, "text": INDEXED})
     ti = DagRunSeen(
         {
@@ -144,11 +145,14 @@ def test_a_stage_ends_as_its_worst_task() -> None:
 
 
 def test_the_report_waits_for_every_task_of_the_run() -> None:
-    """all_done, and downstream of every part's download: a part that failed early fails the
-    stages after it at once, while other parts may still be downloading."""
+    """all_done, and downstream of every part's embeddings (each downstream of its part's
+    download): a part that failed early fails build_index at once, while other parts may
+    still be downloading or embedding, and the report waits for them."""
     from airflow.dag_processing.dagbag import DagBag
 
     dag = DagBag(dag_folder=str(REPO / "dags")).dags["laion_pipeline"]
     report = dag.get_task("report")
     assert report.trigger_rule == "all_done"
-    assert {"build_index", "download_images"} <= report.upstream_task_ids
+    assert report.upstream_task_ids == {"build_index", "clip_embeddings"}
+    assert dag.get_task("clip_embeddings").upstream_task_ids == {"download_images", "list_dedup_parts"}  # the part it maps over
+    assert dag.get_task("build_index").upstream_task_ids == {"clip_embeddings"}

@@ -20,7 +20,7 @@ from sampleweb.hostile import HostileServer
 pytestmark = pytest.mark.heavy
 
 ROWS = 48
-NOTHING_TO_EMBED = f"nothing to embed: 0 of {ROWS} downloaded: refused_private_address {ROWS}"
+NOTHING_TO_INDEX = f"nothing to index: 0 of {ROWS} downloaded: refused_private_address {ROWS}"
 
 
 def task_tries(dag_id: str, run_id: str) -> dict[str, tuple[str, int]]:
@@ -63,11 +63,13 @@ def test_the_run_fails_and_no_request_left_the_guard(refused_run: Any) -> None:
     assert requests == {}
 
 
-def test_nothing_to_embed_fails_once_and_nothing_after_it_runs(refused_run: Any) -> None:
+def test_nothing_to_index_fails_once(refused_run: Any) -> None:
+    """Each part's embeddings task records that its part has no image; build_index, finding
+    none in any part, fails at once."""
     dag_run, _, _ = refused_run
     tries = task_tries("laion_pipeline", dag_run.run_id)
-    assert tries["clip_embeddings"] == ("failed", 1), tries
-    assert tries["build_index"][0] == "upstream_failed", tries
+    assert tries["clip_embeddings[0]"] == tries["clip_embeddings[1]"] == ("success", 1), tries
+    assert tries["build_index"] == ("failed", 1), tries
     assert tries["download_images[0]"] == tries["download_images[1]"] == ("success", 1), tries
     # The report is written, then fails on purpose (once): the run did not finish.
     assert tries["report"] == ("failed", 1), tries
@@ -77,22 +79,22 @@ def test_the_report_counts_every_refused_download(refused_run: Any) -> None:
     _, output, _ = refused_run
     report = json.loads((output / "report" / "report.json").read_text())
     assert report["complete"] is False
-    assert report["reason"] == f"clip_embeddings failed: {NOTHING_TO_EMBED}"
+    assert report["reason"] == f"build_index failed: {NOTHING_TO_INDEX}"
     download = report["download"]
     assert (download["count"], download["successes"], download["failed_to_download"]) == (ROWS, 0, ROWS)
     assert download["errors"] == {"refused_private_address": ROWS}
     assert download["summary"] == f"0 of {ROWS} downloaded: refused_private_address {ROWS}"
     assert report["dedup"]["rows_out"] == ROWS
-    assert [(f["step"], f["count"]) for f in report["funnel"]] == [("raw rows", ROWS), ("valid", ROWS), ("unique", ROWS), ("downloaded", 0)]
+    assert [(f["step"], f["count"]) for f in report["funnel"]] == [("raw rows", ROWS), ("valid", ROWS), ("unique", ROWS), ("downloaded", 0), ("embedded", 0)]
     states = {s["name"]: (s["state"], s.get("reason")) for s in report["stages"]}
     assert states == {
         "fetch_metadata": ("success", None),
         "dedup": ("success", None),
         "download_images": ("success", None),
-        "clip_embeddings": ("failed", NOTHING_TO_EMBED),
-        "build_index": ("upstream_failed", None),
+        "clip_embeddings": ("success", None),
+        "build_index": ("failed", NOTHING_TO_INDEX),
     }
-    assert not (output / "embeddings").exists() and not (output / "index").exists()
+    assert not list((output / "embeddings").rglob("*.npy")) and not (output / "index").exists()
 
 
 def test_the_report_pages_say_why_the_run_did_not_finish(refused_run: Any) -> None:
@@ -100,10 +102,10 @@ def test_the_report_pages_say_why_the_run_did_not_finish(refused_run: Any) -> No
 
     _, output, _ = refused_run
     page = (output / "report" / "report.html").read_text()
-    assert f"The run did not finish: clip_embeddings failed: {NOTHING_TO_EMBED}" in page
+    assert f"The run did not finish: build_index failed: {NOTHING_TO_INDEX}" in page
     report = json.loads((output / "report" / "report.json").read_text())
     plugin_page = render_report(
         report, run_id=report["run"]["run_id"], samples=[], image_url=str, airflow_run_href=None, search_href="search"
     )
-    assert f"The run did not finish: clip_embeddings failed: {NOTHING_TO_EMBED}" in plugin_page
-    assert "<b>0</b> downloaded images" in plugin_page
+    assert f"The run did not finish: build_index failed: {NOTHING_TO_INDEX}" in plugin_page
+    assert "<b>0</b> embedded images" in plugin_page

@@ -86,24 +86,25 @@ def test_download_progress_counts_the_finished_shards_of_the_part(tmp_path: Path
     assert progress() == (78, 78)
 
 
-def test_embeddings_progress_counts_finished_partitions_of_the_plan(tmp_path: Path) -> None:
+def test_embeddings_progress_counts_finished_partitions_of_the_parts_plan(tmp_path: Path) -> None:
     embeddings = tmp_path / "embeddings"
-    progress = EmbeddingsProgress(str(tmp_path))
+    progress = EmbeddingsProgress(str(tmp_path), "part-00001")
     assert progress() is None  # not planned yet
 
-    embeddings.mkdir()
-    (embeddings / "_plan.json").write_text(json.dumps({"clip_model": "m", "partitions": [{"tars": [], "fingerprint": str(i)} for i in range(3)]}))
+    (embeddings / "_plans").mkdir(parents=True)
+    plan = {"part": "part-00001", "clip_model": "m", "partitions": [{"name": f"part-00001_{i:05d}", "tars": [], "fingerprint": str(i)} for i in range(3)]}
+    (embeddings / "_plans" / "part-00001.json").write_text(json.dumps(plan))
     assert progress() == (0, 3)
     (embeddings / "_done").mkdir()
-    for partition in (0, 2):
-        (embeddings / "_done" / str(partition)).touch()
+    for name in ("part-00001_00000", "part-00001_00002", "part-00000_00001"):  # the last: another part's
+        (embeddings / "_done" / name).touch()
     assert progress() == (2, 3)
 
 
 def test_only_long_stages_on_local_roots_have_progress(tmp_path: Path) -> None:
     download = SimpleNamespace(task_id="download_images", output_root=str(tmp_path), part="part-00000")
     assert isinstance(progress_of(download), DownloadProgress)
-    assert isinstance(progress_of(SimpleNamespace(task_id="clip_embeddings", output_root=str(tmp_path))), EmbeddingsProgress)
+    assert isinstance(progress_of(SimpleNamespace(task_id="clip_embeddings", output_root=str(tmp_path), part="part-00000")), EmbeddingsProgress)
     assert progress_of(SimpleNamespace(task_id="dedup", output_root=str(tmp_path))) is None
     assert progress_of(SimpleNamespace(task_id="download_images", output_root="s3://bucket/run", part="part-00000")) is None
 

@@ -11,6 +11,7 @@ import pytest
 from stages.errors import NothingToDo
 from stages.layout import RunLayout
 from stages.report import build_report, downloads_line, render_html, summarize_stages, write_report
+from shard_files import mark_embedded
 
 INDEXED = {"index_key": "Flat", "ntotal": 7, "size_bytes": 100, "recall_at_10": 1.0, "build_seconds": 0.1}
 
@@ -31,7 +32,7 @@ def run(tmp_path: Path) -> RunLayout:
         folder.mkdir(parents=True)
         (folder / f"{shard}_stats.json").write_text(json.dumps(stats))
         (folder / f"{shard}.tar").write_bytes(b"t" * 1024)
-    layout.embeddings_marker.mark_done({"input_fingerprint": "e", "clip_model": "m"}, {"count": 7, "dim": 512, "device": "cpu"})
+    mark_embedded(layout, 7)
     layout.index_marker.mark_done({"input_fingerprint": "i"}, {"image": INDEXED, "text": INDEXED})
     return layout
 
