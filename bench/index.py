@@ -18,7 +18,6 @@ files (``stages.index.rerank``).
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -62,7 +61,7 @@ def measure(embeddings: str, queries_npy: str, work: str, settings_json: str) ->
     built = stage.build_one(embeddings, str(Path(work) / "index"), "image", max_index_memory_usage=settings["max_index_memory_usage"],
                             current_memory_available=MEMORY_AVAILABLE, index_key=settings["index_key"], recall_queries=1000,
                             nb_cores=None)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mib = _status_bytes("VmHWM") / 2**20
     stored = StoredVectors(embeddings)
     queries = np.load(queries_npy)
     truth = exact_top_k(stored, queries, 10)[1]  # read in blocks, not mapped: nothing left resident
@@ -117,9 +116,15 @@ def _serve(search: Any, queries: np.ndarray) -> tuple[list[np.ndarray], tuple[fl
 
 
 def _rss_bytes() -> int:
-    """Resident set now, file pages mapped by this process included (VmRSS)."""
+    """Resident set now, file pages mapped by this process included."""
+    return _status_bytes("VmRSS")
+
+
+def _status_bytes(field: str) -> int:
+    """``VmRSS`` or ``VmHWM`` (its peak) of this process. Not ``ru_maxrss``: Linux carries
+    that over an exec from the process that forked, so a worker would report the bench's own."""
     status = Path("/proc/self/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(f"{field}:"))) * 1024
 
 
 def _recall(truth: np.ndarray, found: Any) -> float:

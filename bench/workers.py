@@ -4,7 +4,6 @@
     python -m bench.workers duckdb-dedup RAW_DIR OUT PARTITIONS
     python -m bench.workers embed-stage OUT CLIP_MODEL BATCH TAR...
     python -m bench.workers embed-bare CLIP_MODEL BATCH TAR...
-    python -m bench.workers build-index VECTORS.npy WORK QUERIES
     python -m bench.workers parse-dag DAG_FILE
     python -m bench.workers run-dag DAG_FOLDER DAG_ID CONF_JSON
 """
@@ -14,7 +13,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 
@@ -50,7 +48,6 @@ def main(argv: list[str]) -> int:
         "duckdb-dedup": lambda raw, out, parts: _load("dedup").duckdb_dedup(raw, out, int(parts)),
         "embed-stage": lambda out, model, batch, *tars: _load("embeddings").stage(out, model, int(batch), list(tars)),
         "embed-bare": lambda model, batch, *tars: _load("embeddings").bare_loop(model, int(batch), list(tars)),
-        "build-index": lambda vectors, work, queries: _load("index").build_and_query(vectors, work, int(queries)),
         "parse-dag": lambda dag_file: parse_dag(dag_file),
         "run-dag": lambda folder, dag_id, conf: _load("orchestration").run_dag(folder, dag_id, json.loads(conf)),
     }

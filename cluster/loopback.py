@@ -79,13 +79,19 @@ def start_postgres(processes: ProcessGroup, env: Mapping[str, str], port: int) -
 class LoopbackCluster:
     """A running loopback cluster; use as a context manager."""
 
-    def __init__(self, root: Path, python: str = sys.executable) -> None:
+    def __init__(self, root: Path, python: str = sys.executable, gpu_workers: int = 1) -> None:
         self.root = root
         self.python = python
         self.bin = Path(python).parent
         self.ports = Ports.free()
         self.keys = Secrets.generate()
         self.env = service_environments(self.ports, self.keys, root, REPO, python)
+        # N gpu-queue workers and a gpu pool of N slots (compose: --scale airflow-worker-gpu=N
+        # with LAION_GPU_SLOTS=N), each worker under its own name, as containers would be.
+        self.gpu_workers = [GPU_WORKER] if gpu_workers == 1 else [f"{GPU_WORKER}-{i}" for i in range(1, gpu_workers + 1)]
+        for env in self.env.values():
+            if "LAION_GPU_SLOTS" in env:
+                env["LAION_GPU_SLOTS"] = str(gpu_workers)
         (root / "logs").mkdir(parents=True, exist_ok=True)
         for folder in ("scratch", "spark-work", "redis"):
             (root / folder).mkdir(exist_ok=True)
@@ -115,7 +121,11 @@ class LoopbackCluster:
         }
 
     bucket = BUCKET
-    worker_names = {"default": CPU_WORKER, "gpu": GPU_WORKER}
+
+    @property
+    def worker_names(self) -> dict[str, list[str]]:
+        """The hostnames Airflow records for the workers of each queue."""
+        return {"default": [CPU_WORKER], "gpu": self.gpu_workers}
 
     def token(self) -> str:
         body = json.dumps({"username": ADMIN, "password": self.keys.AIRFLOW_ADMIN_PASSWORD}).encode()
@@ -196,9 +206,11 @@ class LoopbackCluster:
         self.processes.start("airflow-apiserver", [airflow, "api-server", "--workers", "1"], self.service_env("airflow-apiserver"))
         self.processes.start("airflow-scheduler", [airflow, "scheduler"], self.service_env("airflow-scheduler"))
         self.processes.start("airflow-dag-processor", [airflow, "dag-processor"], self.service_env("airflow-dag-processor"))
-        for service, queue in (("airflow-worker", "default"), ("airflow-worker-gpu", "gpu")):
-            name = self.worker_names[queue]
+        workers = [("airflow-worker", "default", CPU_WORKER)]
+        workers += [("airflow-worker-gpu" + (f"-{i}" if i else ""), "gpu", name) for i, name in enumerate(self.gpu_workers)]
+        for service, queue, name in workers:
             # --skip-serve-logs: the log server binds every interface; the api-server reads the shared log folder.
             argv = [airflow, "celery", "worker", "--queues", queue, "--celery-hostname", f"{name}@%h", "--skip-serve-logs"]
-            self.processes.start(service, argv, self.service_env(service))
+            env = {**self.service_env("airflow-worker-gpu" if queue == "gpu" else service), "LAION_WORKER_NAME": name}
+            self.processes.start(service, argv, env)
         self.processes.wait_until("airflow-apiserver", http_ok(f"{self.api_url}/api/v2/monitor/health"), timeout=180)

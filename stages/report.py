@@ -107,7 +107,7 @@ def build_report(
     index_summary = {
         name: {
             **{k: index[name][k] for k in ("index_key", "ntotal", "size_bytes", "recall_at_10", "build_seconds")},
-            **{k: index[name].get(k) for k in ("action", "added", "retrain_reason")},
+            **{k: index[name].get(k) for k in ("action", "added", "retrain_reason", "index_param", "rerank_k", "recall_at_10_without_rerank")},
         }
         for name in ("image", "text")
     } if index else {}  # fmt: skip

@@ -1,6 +1,7 @@
 """build_index: the knn indexes of a run, built once and then grown in place batch by batch
-(:mod:`stages.index.build`), and the files a search service reads beside them
-(:mod:`stages.index.search_files`).
+(:mod:`stages.index.build`), the exact inner products over the stored embeddings that
+measure their recall and re-rank a compressed index's candidates (:mod:`stages.index.rerank`),
+and the files a search service reads beside them (:mod:`stages.index.search_files`).
 
 Kept free of heavy imports: the DAG file and the search plugin import it at parse time.
 """

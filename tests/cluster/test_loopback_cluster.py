@@ -1,13 +1,17 @@
 """docker-compose.yaml's topology on 127.0.0.1: one run of laion_pipeline, triggered through the REST API.
 
 PostgreSQL, Redis, a Spark standalone master and worker, moto's S3 server for MinIO, and
-Airflow's api-server, scheduler, dag-processor and two Celery workers (queues `default`
-and `gpu`), all started by cluster.loopback and stopped by pid when the module ends.
+Airflow's api-server, scheduler, dag-processor and three Celery workers (one on queue
+`default`, two on queue `gpu` with a `gpu` pool of two slots, as `--scale
+airflow-worker-gpu=2` gives), all started by cluster.loopback and stopped by pid when the
+module ends. No GPU here: the gpu-queue workers run the CPU path of the same tasks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import tempfile
 import time
@@ -52,7 +56,7 @@ def wait_for(what: str, probe: Any, timeout: float, cluster: LoopbackCluster) ->
                 return result
         except OSError:
             pass
-        time.sleep(3)
+        time.sleep(0.5)
     pytest.fail(f"{what} not within {timeout:.0f} s\n{cluster.log_tails()}")
 
 
@@ -66,7 +70,7 @@ def cluster() -> Any:
     # A SIGTERM (a CI time limit) becomes an interrupt, so the cluster is still stopped by pid.
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        with LoopbackCluster(Path(tempfile.mkdtemp(prefix="laion-cluster-"))) as running:
+        with LoopbackCluster(Path(tempfile.mkdtemp(prefix="laion-cluster-")), gpu_workers=2) as running:
             yield running
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -87,9 +91,45 @@ def finished_run(cluster: LoopbackCluster, sample_web: Any, demo_clip_model: str
         run = api.call("GET", f"/api/v2/dags/{DAG}/dagRuns/{run_id}")
         return run if run["state"] in ("success", "failed") else None
 
+    def task_instances() -> list[dict[str, Any]]:
+        return api.call("GET", f"/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances?limit=100")["task_instances"]
+
+    def tasks_now(task_id: str, state: str) -> list[dict[str, Any]]:
+        if finished():
+            pytest.fail(f"run {run_id} ended before the parts' tasks were seen: {[(t['task_id'], t['map_index'], t['state']) for t in task_instances()]}")
+        return [t for t in task_instances() if t["task_id"] == task_id and t["state"] == state and (state != "running" or t["pid"])]
+
+    # Events, not timing: the downloads run one at a time on the one cpu worker. Once the
+    # first part's download succeeded, the cpu worker is paused (SIGSTOP: the second
+    # download cannot start or end) until the first part's embeddings run; those are then
+    # paused until the second part's embeddings run too. So a part's embeddings start
+    # before the last download ends, and two run at once, on the two gpu workers.
+    wait_for("a part's download done", lambda: tasks_now("download_images", "success"), RUN_TIMEOUT_S, cluster)
+    cpu_worker = signal_tree(cluster.processes.started["airflow-worker"].pid, signal.SIGSTOP, children=False)
+    paused = list(cpu_worker)
+    try:
+        first = wait_for("a part's clip_embeddings running", lambda: tasks_now("clip_embeddings", "running"), RUN_TIMEOUT_S, cluster)[0]
+        paused += signal_tree(first["pid"], signal.SIGSTOP)
+        signal_tree(cpu_worker[0], signal.SIGCONT, children=False)
+        second = lambda: [t for t in tasks_now("clip_embeddings", "running") if t["map_index"] != first["map_index"]]  # noqa: E731
+        wait_for("the other part's clip_embeddings running", second, RUN_TIMEOUT_S, cluster)
+    finally:
+        for pid in paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
     run = wait_for(f"run {run_id} finished", finished, RUN_TIMEOUT_S, cluster)
-    tasks = api.call("GET", f"/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances?limit=100")["task_instances"]
-    return {"run": run, "tasks": tasks, "expected": expected, "cluster": cluster}
+    return {"run": run, "tasks": task_instances(), "expected": expected, "cluster": cluster}
+
+
+def signal_tree(pid: int, signum: int, children: bool = True) -> list[int]:
+    """Send ``signum`` to a process and (``children``) every process it started; their pids."""
+    import psutil
+
+    pids = [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))] if children else [pid]
+    for each in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(each, signum)
+    return pids
 
 
 def test_the_run_succeeded(finished_run: dict[str, Any]) -> None:
@@ -104,11 +144,29 @@ def test_gpu_stages_ran_on_the_gpu_worker_and_the_rest_on_the_cpu_worker(finishe
     for task in tasks:
         queue = "gpu" if task["task_id"] in GPU_TASKS else "default"
         where = (task["hostname"], task["queue"])
-        assert where == (cluster.worker_names[queue], queue), f"{task['task_id']}[{task['map_index']}] ran on {where}"
+        assert where[0] in cluster.worker_names[queue] and where[1] == queue, f"{task['task_id']}[{task['map_index']}] ran on {where}"
         if queue == "gpu":
             assert task["pool"] == "gpu"
         if task["task_id"] == "download_images":
             assert task["pool"] == "download"
+
+
+def test_parts_embed_at_once_on_two_gpu_workers_while_downloads_go_on(finished_run: dict[str, Any]) -> None:
+    """One clip_embeddings task per part, in pool gpu (2 slots): two ran at once on the two
+    gpu workers, and a part's embeddings started before the last part's download ended."""
+    from datetime import datetime
+
+    def span(task: dict[str, Any]) -> tuple[datetime, datetime]:
+        return datetime.fromisoformat(task["start_date"]), datetime.fromisoformat(task["end_date"])
+
+    tasks = finished_run["tasks"]
+    embeddings = [t for t in tasks if t["task_id"] == "clip_embeddings"]
+    downloads = [t for t in tasks if t["task_id"] == "download_images"]
+    assert len(embeddings) == len(downloads) == 2 and {t["rendered_map_index"] for t in embeddings} == {"part-00000", "part-00001"}
+    (a_start, a_end), (b_start, b_end) = sorted(span(t) for t in embeddings)
+    assert b_start < a_end, f"the two parts' embeddings did not overlap: {[span(t) for t in embeddings]}"
+    assert {t["hostname"] for t in embeddings} == set(finished_run["cluster"].worker_names["gpu"])
+    assert a_start < max(span(t)[1] for t in downloads), "no part's embeddings started before the last download ended"
 
 
 def test_dedup_ran_as_an_application_of_the_spark_master(finished_run: dict[str, Any]) -> None:
@@ -127,7 +185,9 @@ ARTIFACTS = {
     "dedup/_stats.json": 1,
     "images/part-*/*.tar": None,
     "images/part-*/*_stats.json": None,
-    "embeddings/img_emb/*": None,
+    "embeddings/img_emb/*_part-00000_*.npy": None,
+    "embeddings/img_emb/*_part-00001_*.npy": None,
+    "embeddings/_parts/part-*.json": 2,
     "embeddings/text_emb/*": None,
     "embeddings/metadata/*": None,
     "index/*.index": 2,

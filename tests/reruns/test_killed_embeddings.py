@@ -1,5 +1,6 @@
 """SIGKILL the embedding stage in the middle of a partition, rerun: finished partitions are
-kept, the rest redone, and the result equals a clean run's."""
+kept, the rest redone, and the result equals a clean run's. The tars' folder is their part
+(``tars``): partitions are named ``tars_<k>``."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def write_tars(folder: Path) -> list[str]:
 def vectors_by_key(folder: Path) -> dict[str, np.ndarray]:
     out = {}
     for meta in sorted((folder / "metadata").glob("*.parquet")):
-        suffix = meta.stem.split("_")[-1]
+        suffix = meta.stem[len("metadata_") :]  # the partition's name: <part>_<k>
         keys = pd.read_parquet(meta)["image_path"].tolist()
         vectors = np.load(folder / "img_emb" / f"img_emb_{suffix}.npy")
         out.update(zip(keys, vectors))
@@ -75,17 +76,17 @@ def test_a_killed_embedding_run_resumes_at_partition_granularity(tmp_path: Path,
     try:
         # Partition 0 is done and clip-retrieval has opened partition 1's output folders.
         wait_until(
-            lambda: (killed / "_done" / "0").exists() and (killed / "_partial" / "1" / "img_emb").exists(),
+            lambda: (killed / "_done" / "tars_00000").exists() and (killed / "_partial" / "tars_00001" / "img_emb").exists(),
             "partition 1 under way", process=worker,
         )  # fmt: skip
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
     done_before = {p.name for p in (killed / "_done").iterdir()}
-    assert "0" in done_before and len(done_before) < 4
-    kept = (killed / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns
+    assert "tars_00000" in done_before and len(done_before) < 4
+    kept = (killed / "img_emb" / "img_emb_tars_00000.npy").stat().st_mtime_ns
     subprocess.run(embed_command(tars, killed, demo_clip_model), env=ENV, check=True, timeout=600)
-    assert (killed / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns == kept  # partition 0 not redone
+    assert (killed / "img_emb" / "img_emb_tars_00000.npy").stat().st_mtime_ns == kept  # partition 0 not redone
     assert not (killed / "_partial").exists() or not list((killed / "_partial").iterdir())
 
     clean = tmp_path / "clean" / "embeddings"
@@ -98,5 +99,5 @@ def test_a_killed_embedding_run_resumes_at_partition_granularity(tmp_path: Path,
     # clip-retrieval's per-partition stats, now kept in the worker's own process: one file
     # per partition, adding up to every sample.
     stats = sorted((clean / "stats").glob("*.json"))
-    assert [p.name for p in stats] == [f"stats_{i:05d}.json" for i in range(len(stats))] and len(stats) > 1
+    assert [p.name for p in stats] == [f"stats_tars_{i:05d}.json" for i in range(len(stats))] and len(stats) > 1
     assert sum(json.loads(p.read_text())["sample_count"] for p in stats) == 32

@@ -45,7 +45,9 @@ def test_the_report_counts_the_current_artifacts(run: RunLayout) -> None:
     assert report["download"]["success_rate"] == 0.7 and report["download"]["errors"] == {"HTTP Error 404": 3}
     assert [s["shard"] for s in report["download"]["shards"]] == ["part-00000/0000000000"]
     assert report["stages"] == [{"name": "dedup", "state": "success", "duration_s": 2.0, "tasks": 1}]
-    assert report["embeddings"]["clip_model"] == "m" and report["index"]["text"] == {**INDEXED, "action": None, "added": None, "retrain_reason": None}
+    assert report["embeddings"]["clip_model"] == "m" and report["index"]["text"] == {
+        **INDEXED, "action": None, "added": None, "retrain_reason": None, "index_param": None, "rerank_k": None, "recall_at_10_without_rerank": None,
+    }  # fmt: skip
     assert report["complete"] is True and report["reason"] is None
     assert report["download"]["summary"] == "7 of 10 downloaded: HTTP Error 404 3"
 
