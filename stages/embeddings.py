@@ -52,8 +52,16 @@ class EmbeddingSettings:
     )  # fmt: skip
     clip_batch_size: int = setting(256, type="integer", minimum=1, maximum=65536)
     # Not on the trigger form: the right number depends on the machine, not on the run
-    # (None: every core on a GPU, 2 on a CPU; see compute_embeddings).
+    # (None: every core on a GPU, 2 on a CPU; see embed_part).
     num_prepro_workers: int | None = None
+    # Where JPEGs are decoded: "device" (stages.device_embed: batches decoded and
+    # preprocessed where the model runs), "reader" (clip-retrieval's reader: PIL in
+    # DataLoader workers), None: the device on CUDA, the reader on a CPU.
+    decode_on: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.decode_on not in (None, "device", "reader"):
+            raise ValueError(f"embeddings decode_on {self.decode_on!r} is not one of device, reader (or None)")
 
 
 def fingerprint(urls: list[str]) -> str:
@@ -181,7 +189,7 @@ def embed_part(
     )  # fmt: skip
     started = time.monotonic()
     for partition in todo:
-        embed_partition(partition["name"], partition["tars"], output_folder, settings)
+        embed_partition(partition["name"], partition["tars"], output_folder, settings, device=device)
     seconds = time.monotonic() - started
     names = [p["name"] for p in plan["partitions"]]
     count, dim = count_rows(layout.embedding_files("img_emb"), "img_emb", names)
@@ -197,8 +205,21 @@ def embed_part(
         "partitions_computed": len(todo),
         "compute_seconds": round(seconds, 3),
         "samples_per_second": round(count / seconds, 2) if seconds and todo else None,
+        **decoding_counts(output_folder, names),
     }
     return marker.mark_done(inputs, numbers)  # last: the part is done once its marker exists
+
+
+def decoding_counts(output_folder: str, partitions: list[str]) -> dict[str, int]:
+    """Images of ``partitions`` that the device decoder rejected and the CPU decoded
+    (``decoded_on_cpu``), and that no decoder could read (``undecodable``), from each
+    partition's stats file (clip-retrieval's reader counts neither: both are 0 there)."""
+    counts = {"decoded_on_cpu": 0, "undecodable": 0}
+    for name in partitions:
+        stats = storage.read_json_or_none(storage.join(output_folder, "stats", f"stats_{name}.json")) or {}
+        for key in counts:
+            counts[key] += int(stats.get(key, 0))
+    return counts
 
 
 def gather_embeddings(layout: RunLayout, tars_by_part: dict[str, list[str]], *, write: bool = True) -> dict[str, Any]:
@@ -359,22 +380,44 @@ def embed_partition(
     tars: list[str],
     output_folder: str,
     settings: EmbeddingSettings,
+    *,
+    device: str = "cpu",
 ) -> None:
     """One partition through clip-retrieval's worker, written aside, then moved into place.
 
     clip-retrieval writes its npy and parquet files straight to their final names and has
     no resume; here a partition's files appear in place only once all are complete, and a
     ``_done/<partition>`` file then records it, so a rerun skips it.
-    ``settings.num_prepro_workers`` must be set (:func:`compute_embeddings` resolves None).
+    ``settings.num_prepro_workers`` must be set (:func:`embed_part` resolves None). JPEGs
+    are decoded where ``settings.decode_on`` says (:mod:`stages.device_embed` on the
+    device, by default on CUDA).
     """
-    from clip_retrieval.clip_inference.worker import worker
-
     fs, path = url_to_fs(output_folder)
     staging = posixpath.join(path, PARTIAL, str(partition))
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
     staging_url = storage.join(output_folder, PARTIAL, str(partition))
     preload_clip(settings.clip_model, settings.clip_batch_size)
+    if settings.decode_on == "device" or (settings.decode_on is None and device.startswith("cuda")):
+        from stages.device_embed import embed_tars
+
+        embed_tars(tars, staging_url, settings.clip_model, settings.clip_batch_size, device)
+    else:
+        embed_with_reader(tars, staging_url, settings)
+    for sub in OUTPUTS:
+        for produced in fs.glob(posixpath.join(staging, sub, "*")):
+            fs.makedirs(posixpath.join(path, sub), exist_ok=True)
+            fs.mv(produced, posixpath.join(path, sub, partition_file(sub, partition, produced)))
+    storage.write_text(storage.join(output_folder, DONE, str(partition)), "")
+    if fs.exists(staging):  # on S3 the "folder" is gone once its last file moved
+        fs.rm(staging, recursive=True)
+
+
+def embed_with_reader(tars: list[str], staging_url: str, settings: EmbeddingSettings) -> None:
+    """One partition through clip-retrieval's own worker (its reader decodes with PIL in
+    DataLoader workers) into ``staging_url``."""
+    from clip_retrieval.clip_inference.worker import worker
+
     try:
         with spawn_without_main(), stats_in_process():
             worker(
@@ -396,13 +439,6 @@ def embed_partition(
         # A DataLoader worker left behind by an exception would keep the task from exiting.
         for child in multiprocessing.active_children():
             child.terminate()
-    for sub in OUTPUTS:
-        for produced in fs.glob(posixpath.join(staging, sub, "*")):
-            fs.makedirs(posixpath.join(path, sub), exist_ok=True)
-            fs.mv(produced, posixpath.join(path, sub, partition_file(sub, partition, produced)))
-    storage.write_text(storage.join(output_folder, DONE, str(partition)), "")
-    if fs.exists(staging):  # on S3 the "folder" is gone once its last file moved
-        fs.rm(staging, recursive=True)
 
 
 class InProcessStatsWriter:
