@@ -7,14 +7,17 @@ like bench.data.webdataset_tars; LAION captions from bench.data.captions) in web
 tars of 512, untrained ViT-B-32 weights (sampleweb.demo_model), then, interleaved, twice:
 
 * stage: stages.embeddings.compute_embeddings in a fresh process (model load included,
-  as in bench/embeddings.py), with clip-retrieval's own per-batch stats;
+  as in bench/embeddings.py); on CUDA it decodes on the device (stages.device_embed), whose
+  stats split the time into reading (waiting on the tar reader), decoding+preprocessing,
+  inference and writing, and count the images decoded on the CPU instead;
 * bare: the same model through all_clip's loading path on the GPU (its wrapper autocasts
   to bf16/fp16 there, as in the stage), images already preprocessed and captions already
   tokenized; encode_image + encode_text batch by batch, synchronized before each clock read.
   Also timed: the mapper's own per-batch work (host-to-device copy, normalize, fp16 copy
   back) and the model in fp32 without autocast.
 
-Then one more stage run with 2 preprocessing workers (the stage's default before this
+Then the stage with clip-retrieval's reader (decode_on="reader": PIL in DataLoader workers),
+and one more stage run with 2 preprocessing workers (the stage's default before this
 check, which showed decoding to be the bottleneck on a GPU; it now uses every core there). Every case runs
 in its own process; a case's output goes to a log beside OUT_JSON.
 
@@ -187,14 +190,14 @@ def case_stage(spec: dict[str, Any]) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     layout = RunLayout(out)  # the stage writes layout.embeddings under out
     settings = se.EmbeddingSettings(clip_model=spec["clip_model"], clip_batch_size=spec["batch"],
-                                    num_prepro_workers=spec["workers"])
+                                    num_prepro_workers=spec["workers"], decode_on=spec.get("decode_on"))
     started = time.perf_counter()
     numbers = se.compute_embeddings(spec["tars"], layout, settings, samples=spec["samples"])
     seconds = time.perf_counter() - started
     stats: dict[str, float] = {}
     for path in sorted(Path(layout.embeddings, "stats").glob("*.json")):
         for key, value in json.loads(Path(path).read_text()).items():
-            if key.endswith("_duration") or key == "sample_count":
+            if key.endswith("_duration") or key in ("sample_count", "decoded_on_cpu", "undecodable"):
                 stats[key] = round(stats.get(key, 0) + value, 4)
     result = {
         "seconds": round(seconds, 4), "count": numbers["count"], "text_count": numbers["text_count"],
@@ -346,7 +349,7 @@ def median_of(reps: list[dict[str, Any]], case: str, key: str) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_json")
-    parser.add_argument("--samples", type=int, default=8192)
+    parser.add_argument("--samples", type=int, default=50_000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--per-tar", type=int, default=PER_TAR)
@@ -354,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="/tmp/gpu_check")
     parser.add_argument("--no-default-workers-run", action="store_true")
     parser.add_argument("--force-shims", action="store_true", help="use the stand-ins even where not needed (tests)")
-    parser.add_argument("--budget-s", type=float, default=300, help="skip the optional run past this many seconds")
-    parser.add_argument("--deadline-s", type=float, default=420, help="no case runs on past this many seconds")
+    parser.add_argument("--budget-s", type=float, default=360, help="skip the optional runs past this many seconds")
+    parser.add_argument("--deadline-s", type=float, default=480, help="no case runs on past this many seconds")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     work = Path(args.work)
@@ -436,6 +439,14 @@ def main(argv: list[str] | None = None) -> int:
         if med["bare_like_mapper_samples_per_s"]:
             record["ratio_stage_over_bare_like_mapper"] = round(
                 med["stage_samples_per_s"] / med["bare_like_mapper_samples_per_s"], 4)
+    save()
+
+    # The same stage with clip-retrieval's reader (PIL in DataLoader workers, the CPU path),
+    # against the device decoder that the stage uses on CUDA.
+    if time.perf_counter() - t0 < args.budget_s:
+        record["stage_with_reader"] = run_case("stage", {**spec, "decode_on": "reader"}, work, env, log, "stage-reader", left())
+    else:
+        record["stage_with_reader"] = "skipped: over --budget-s"
     save()
 
     if not args.no_default_workers_run and args.workers != DAG_DEFAULT_WORKERS:
