@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from bisect import bisect_right
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Any
@@ -90,6 +93,104 @@ class EmbeddingRows(StoredVectors):
         return self.take([i])[0]
 
 
+class MetadataRows:
+    """The metadata rows of a run's index, read where they lie: row ``i`` (files in name
+    order, rows in file order, as the npy files) and the row of a sample key.
+
+    What stays in memory is per file: its row count, its row groups' first rows and the
+    range of its keys (``image_path``: the row groups' statistics, else that column read
+    once), plus the last ``cached`` row groups read (``image_path``, ``caption``, ``url``)
+    and the last ``cached`` files' key columns. Nothing grows with the number of samples.
+    """
+
+    COLUMNS = ("image_path", "caption", "url")
+
+    def __init__(self, files: list[str], cached: int = 8) -> None:
+        self.files = files
+        self.starts = [0]  # the first row of each file in index order, then the total
+        self.groups: list[list[int]] = []  # per file: the first row of each row group in it
+        self.key_ranges: list[tuple[str, str] | None] = []  # per file: its least and greatest key
+        for f in range(len(files)):
+            with self._open(f) as parquet:
+                meta = parquet.metadata
+                if "image_path" not in parquet.schema_arrow.names:
+                    raise ValueError(f"metadata file {files[f]} has no image_path column (columns: {', '.join(parquet.schema_arrow.names)})")
+                firsts = [0]
+                for g in range(meta.num_row_groups):
+                    firsts.append(firsts[-1] + meta.row_group(g).num_rows)
+                self.groups.append(firsts[:-1])
+                self.starts.append(self.starts[-1] + meta.num_rows)
+                self.key_ranges.append(self._key_range(parquet))
+        self._row_group = lru_cache(maxsize=cached)(self._read_row_group)
+        self._positions = lru_cache(maxsize=cached)(self._read_positions)
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    @contextmanager
+    def _open(self, f: int) -> Iterator[Any]:
+        import pyarrow.parquet as pq
+
+        fs, path = url_to_fs(self.files[f])
+        with fs.open(path, "rb") as handle:
+            yield pq.ParquetFile(handle)
+
+    def _key_range(self, parquet: Any) -> tuple[str, str] | None:
+        """The least and greatest key of a file: from its row groups' statistics when every
+        one has them (strings), else from its key column, read once."""
+        meta = parquet.metadata
+        column = [meta.schema.column(c).path for c in range(meta.num_columns)].index("image_path")
+        lows, highs = [], []
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            stats = group.column(column).statistics
+            if group.num_rows and stats is not None and stats.has_null_count and stats.null_count == group.num_rows:
+                continue  # no key in this row group
+            if group.num_rows and (stats is None or not stats.has_min_max or not isinstance(stats.min, str)):
+                keys = [str(k) for k in parquet.read(columns=["image_path"]).column(0).to_pylist() if k is not None]
+                return (min(keys), max(keys)) if keys else None
+            if group.num_rows:
+                lows.append(stats.min)
+                highs.append(stats.max)
+        return (min(lows), max(highs)) if lows else None
+
+    def _read_row_group(self, f: int, g: int) -> Any:
+        with self._open(f) as parquet:
+            return parquet.read_row_group(g, columns=[c for c in self.COLUMNS if c in parquet.schema_arrow.names])
+
+    def _read_positions(self, f: int) -> dict[str, int]:
+        """Key -> its row in file ``f`` (the first, for a key written twice)."""
+        with self._open(f) as parquet:
+            keys = parquet.read(columns=["image_path"]).column(0).to_pylist()
+        return {str(k): j for j, k in reversed(list(enumerate(keys))) if k is not None}
+
+    def row(self, i: int) -> dict[str, str]:
+        """Row ``i`` in index order: its ``image_path``, ``caption`` and ``url`` ("" where missing)."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} is outside the {len(self)} metadata rows of {os.path.dirname(self.files[0])}")
+        f = bisect_right(self.starts, i) - 1
+        local = i - self.starts[f]
+        g = bisect_right(self.groups[f], local) - 1
+        table = self._row_group(f, g)
+        j = local - self.groups[f][g]
+        values = {name: table.column(name)[j].as_py() for name in table.column_names}
+        return {name: "" if values.get(name) is None else str(values[name]) for name in self.COLUMNS}
+
+    def position(self, key: str) -> int | None:
+        """The row of sample ``key`` in index order (None when no file holds it): the files
+        whose key range covers it are searched in order, though in practice one does."""
+        for f, bounds in enumerate(self.key_ranges):
+            if bounds is not None and bounds[0] <= key <= bounds[1]:
+                j = self._positions(f).get(key)
+                if j is not None:
+                    return self.starts[f] + j
+        return None
+
+    def cached(self) -> dict[str, int]:
+        """How many decoded row groups and key columns are held now."""
+        return {"row_groups": self._row_group.cache_info().currsize, "key_columns": self._positions.cache_info().currsize}
+
+
 class RunIndex:
     """The image index of one run and its metadata rows, in index order."""
 
@@ -144,25 +245,15 @@ class RunIndex:
         return self.layout.index_marker.read() or {}
 
     @cached_property
-    def rows(self) -> Any:
-        import pandas as pd
-
+    def rows(self) -> MetadataRows:
+        """The metadata rows in index order, looked up where they lie (footers read now)."""
         folder = self.layout.search_metadata
         if not storage.exists(folder):  # published before index/metadata existed
             folder = self.layout.embedding_files("metadata")
-        frames = []
-        for part in storage.list_files(folder, "*.parquet"):
-            fs, path = url_to_fs(part)
-            with fs.open(path, "rb") as f:
-                frames.append(pd.read_parquet(f))
-        if not frames:
+        files = storage.list_files(folder, "*.parquet")
+        if not files:
             raise FileNotFoundError(f"{folder} holds no metadata .parquet: the index of {self.output_root} has no rows to show")
-        return pd.concat(frames, ignore_index=True)
-
-    @cached_property
-    def positions(self) -> dict[str, int]:
-        """Sample key -> its row in the index."""
-        return {str(key): i for i, key in enumerate(self.rows["image_path"].tolist())}
+        return MetadataRows(files)
 
     @cached_property
     def image_embeddings(self) -> EmbeddingRows:
@@ -170,9 +261,10 @@ class RunIndex:
 
     def vector_of(self, key: str) -> Any:
         """The stored image embedding of sample ``key`` (KeyError when the run has no such sample)."""
-        if key not in self.positions:
+        position = self.rows.position(key)
+        if position is None:
             raise KeyError(f"run {self.output_root} has no sample {key!r}")
-        return self.image_embeddings.row(self.positions[key])
+        return self.image_embeddings.row(position)
 
     def search_vector(self, vector: Any, k: int = 10) -> list[Hit]:
         import numpy as np
@@ -189,6 +281,6 @@ class RunIndex:
         for score, i in zip(scores[0].tolist(), ids[0].tolist()):
             if i < 0:
                 continue
-            row = self.rows.iloc[i]
-            hits.append(Hit(str(row["image_path"]), str(row.get("caption", "")), str(row.get("url", "")), float(score)))
+            row = self.rows.row(i)
+            hits.append(Hit(row["image_path"], row["caption"], row["url"], float(score)))
         return hits

@@ -252,11 +252,8 @@ class SearchService:
         """``count`` samples spread evenly over the run, for a report's image grid."""
         rows = self.loaded(self.catalog.get(run_id)).index.rows
         step = max(1, len(rows) // max(1, count))
-        picked = rows.iloc[::step].head(count)
-        return [
-            {"key": str(r["image_path"]), "caption": str(r.get("caption", "")), "url": str(r.get("url", ""))}
-            for _, r in picked.iterrows()
-        ]
+        picked = [rows.row(i) for i in range(0, len(rows), step)[:count]]
+        return [{"key": r["image_path"], "caption": r["caption"], "url": r["url"]} for r in picked]
 
     def status(self) -> dict[str, Any]:
         with self._lock:

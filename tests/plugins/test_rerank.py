@@ -42,8 +42,7 @@ def exact_top(stored: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 
 
 def recall(index: RunIndex, queries: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
-    rows = index.rows["image_path"].tolist()
-    found = [[rows.index(hit.key) for hit in index.search_vector(q, k)] for q in queries]
+    found = [[index.rows.position(hit.key) for hit in index.search_vector(q, k)] for q in queries]
     return sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found)) / truth.size
 
 
@@ -66,8 +65,7 @@ def test_search_vector_reranks_to_the_exact_top_10_on_held_out_queries(tmp_path:
     assert with_rerank > without + 0.1
     # The scores are the exact inner products of the stored (float16) rows.
     hits = reranked.search_vector(queries[0], 10)
-    row = {key: i for i, key in enumerate(reranked.rows["image_path"])}
-    exact = stored[[row[h.key] for h in hits]].astype("float16").astype("float32") @ queries[0]
+    exact = stored[[reranked.rows.position(h.key) for h in hits]].astype("float16").astype("float32") @ queries[0]
     assert [h.score for h in hits] == pytest.approx(exact.tolist(), abs=1e-5)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     # More results ask for proportionally more candidates.
