@@ -19,14 +19,7 @@ from stages.index.build import (
     recall_of,
 )
 from stages.layout import RunLayout
-
-
-def clustered(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(clusters, dim))
-    vectors = centers[rng.integers(clusters, size=n)] + 0.1 * rng.normal(size=(n, dim))
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors.astype("float32")
+from vectors import clustered
 
 
 @pytest.fixture

@@ -22,17 +22,10 @@ from stages.index.rerank import (
     streamed_neighbours,
 )
 from stages.layout import RunLayout
+from vectors import clustered
 
 # autofaiss refuses a PQ key without OPQ for inner products; this one trains in about a second.
 PQ_KEY = "OPQ8_32,IVF16,PQ8"
-
-
-def clustered(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(clusters, dim))
-    vectors = centers[rng.integers(clusters, size=n)] + 0.1 * rng.normal(size=(n, dim))
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors.astype("float32")
 
 
 def write_files(folder: Path, vectors: np.ndarray, sizes: list[int], dtype: str = "float16") -> np.ndarray:
