@@ -120,6 +120,19 @@ class AirflowServices:
         rows = self.query("SELECT run_id, state, run_type, logical_date, conf FROM dag_run WHERE dag_id = %s ORDER BY logical_date", dag_id)
         return [dict(zip(("run_id", "state", "run_type", "logical_date", "conf"), row)) for row in rows]
 
+    def backfill(self, dag_id: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        """``airflow backfill create --dag-id dag_id *args`` once no earlier backfill of the DAG is
+        open: Airflow allows one at a time, and the scheduler marks one complete only on its
+        30-second timer, some time after the backfill's last run ended."""
+        deadline = time.monotonic() + timeout
+        open_ = "SELECT id FROM backfill WHERE dag_id = %s AND completed_at IS NULL"
+        while found := self.query(open_, dag_id):
+            dead = [p.args for p in self.processes if p.poll() is not None]
+            assert not dead, f"Airflow processes exited: {dead}; see {TEST_OUTPUT}"
+            assert time.monotonic() < deadline, f"backfills {found} of {dag_id} still open after {timeout:.0f} s"
+            time.sleep(1)
+        return self.cli("backfill", "create", "--dag-id", dag_id, *args)
+
     def task_tries(self, dag_id: str, run_id: str) -> dict[str, tuple[str, int]]:
         rows = self.query(
             "SELECT task_id, map_index, state, try_number FROM task_instance WHERE dag_id = %s AND run_id = %s", dag_id, run_id

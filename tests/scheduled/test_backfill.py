@@ -31,14 +31,14 @@ def test_a_backfill_processes_each_date_partition_exactly_once(
             rows = [[server.url(f"/good.jpg?d={date}&i={i}"), f"photo {i} of {date}", f"{date}/{i}"] for i in range(n)]
             write_csv(data / "raw" / date / "metadata.csv", rows)
         conf = run_conf(demo_clip_model)
-        backfill = ["backfill", "create", "--dag-id", "laion_pipeline", "--from-date", "2020-01-01", "--to-date", "2020-01-03"]
-        created = services.cli(*backfill, "--dag-run-conf", json.dumps(conf))
+        backfill = ["--from-date", "2020-01-01", "--to-date", "2020-01-03"]
+        created = services.backfill("laion_pipeline", *backfill, "--dag-run-conf", json.dumps(conf))
         assert created.returncode == 0, created.stdout[-2000:] + created.stderr[-2000:]
         runs = services.wait_for_runs("laion_pipeline", len(ROWS), timeout=1200, run_type="backfill")
         requests = sum(server.requests.values())
         outputs = checksums(data / "partitions")
 
-        again = services.cli(*backfill, "--dag-run-conf", json.dumps(conf))
+        again = services.backfill("laion_pipeline", *backfill, "--dag-run-conf", json.dumps(conf))
         runs_after = [r for r in services.runs("laion_pipeline") if r["run_type"] == "backfill"]
         requests_after = sum(server.requests.values())
 

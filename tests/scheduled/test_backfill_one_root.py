@@ -33,13 +33,13 @@ def test_a_backfill_grows_one_dataset_with_each_date_once(
         for date, date_rows in rows.items():
             write_csv(data / "raw" / date / "metadata.csv", [[*r, f"{date}/{i}"] for i, r in enumerate(date_rows)])
         conf = run_conf(demo_clip_model, output_root=str(root))
-        backfill = ["backfill", "create", "--dag-id", "laion_pipeline", "--from-date", DATES[0], "--to-date", DATES[-1]]
-        created = services.cli(*backfill, "--dag-run-conf", json.dumps(conf))
+        backfill = ["--from-date", DATES[0], "--to-date", DATES[-1]]
+        created = services.backfill("laion_pipeline", *backfill, "--dag-run-conf", json.dumps(conf))
         assert created.returncode == 0, created.stdout[-2000:] + created.stderr[-2000:]
         services.wait_for_runs("laion_pipeline", len(DATES), timeout=1800, run_type="backfill", dates=DATES)
         requests = dict(server.requests_by_url)
         runs_before = services.runs("laion_pipeline")
-        again = services.cli(*backfill, "--dag-run-conf", json.dumps(conf))
+        again = services.backfill("laion_pipeline", *backfill, "--dag-run-conf", json.dumps(conf))
         runs_after = services.runs("laion_pipeline")
         requests_after = dict(server.requests_by_url)
 
