@@ -10,7 +10,9 @@ the LAION-400M preprocessing as one DAG.
 | dedup | Spark (`spark_default`) | new `dedup/part-*.parquet` for the raw files no batch holds, `dedup/_stats.json` |
 | download_images (one per part not yet done) | img2dataset | `images/<part>/00000.tar` ... |
 | clip_embeddings (one per part, after its download; pool `gpu`) | clip-retrieval | `embeddings/{img_emb,text_emb,metadata}/*_<part>_<k>.*` |
-| build_index (pool `gpu`) | autofaiss | `index/{image,text}.index` |
+| curate (pool `gpu`) | numpy, faiss k-means | `curation/decisions/`, `curated/{img_emb,text_emb,metadata}/`: the kept samples |
+| build_index (pool `gpu`) | autofaiss | `index/{image,text}.index` over the kept samples |
+| export_subset (with `export_subset`) | tarfile | `subset/<shard>.tar`: the kept (or `subset_keys`) samples as webdataset |
 | report (every run past dedup) | | `report/report.json`, `report/report.html` |
 
 A dataset grows: a run over an output root that already holds a dataset deduplicates only
@@ -31,15 +33,20 @@ from datetime import datetime, timezone
 
 from airflow.sdk import Asset, Param, TriggerRule, dag, task_group
 
+from operators.curate import CurateOperator
 from operators.dedup import DedupOperator
 from operators.download import DownloadImagesOperator, ListPartsOperator
 from operators.embeddings import ClipEmbeddingsOperator
+from operators.export import ExportSubsetOperator
 from operators.fetch import FetchMetadataOperator
 from operators.index import BuildIndexOperator
 from operators.params import (
     CONN, DAG_ARGUMENTS, DOWNLOAD_POOL, GPU_POOL, GPU_QUEUE, ROOT, params_of, storage_params, templates_of,
 )  # fmt: skip
 from operators.report import ReportOperator
+from stages.curate.blocklists import BlocklistSettings
+from stages.curate.export import ExportSettings
+from stages.curate.stage import CurationSettings
 from stages.dedup.settings import DedupSettings
 from stages.embeddings import EmbeddingSettings
 from stages.images.download import DownloadSettings
@@ -69,6 +76,12 @@ PARAMS = {
     **params_of(DedupSettings),
     **params_of(DownloadSettings),
     **params_of(EmbeddingSettings),
+    **params_of(CurationSettings),
+    "export_subset": Param(
+        False, type="boolean",
+        description="Also write the curated subset (or the subset_keys samples) as webdataset under subset/.",
+    ),  # fmt: skip
+    **params_of(ExportSettings),
     **params_of(IndexSettings),
 }
 
@@ -88,7 +101,13 @@ def laion_pipeline() -> None:
     stage = {"output_root": ROOT, "storage_conn_id": CONN}
     gpu = {"pool": GPU_POOL, "queue": GPU_QUEUE}
 
-    fetch = FetchMetadataOperator(task_id="fetch_metadata", metadata_urls="{{ params.metadata_urls | with_run_date }}", **stage)
+    fetch = FetchMetadataOperator(
+        task_id="fetch_metadata",
+        metadata_urls="{{ params.metadata_urls | with_run_date }}",
+        # Settings that would fail a later stage (a blocklist, a classifier) are checked first.
+        checks={**templates_of(CurationSettings), **templates_of(BlocklistSettings)},
+        **stage,
+    )
     dedup = DedupOperator(task_id="dedup", settings=templates_of(DedupSettings), conn_id="spark_default", **stage)
     parts = ListPartsOperator(task_id="list_dedup_parts", clip_model="{{ params.clip_model }}", **stage)
 
@@ -117,19 +136,25 @@ def laion_pipeline() -> None:
 
     each_part = per_part.expand(part=parts.output)
     # none_failed: with no part left to download or embed (a batch of nothing new), the
-    # mapped tasks are skipped and the index still runs (finding nothing new, it skips).
+    # mapped tasks are skipped and curation and the index still run (finding nothing new, they skip).
+    curate = CurateOperator(
+        task_id="curate", settings=templates_of(CurationSettings), trigger_rule=TriggerRule.NONE_FAILED, **gpu, **stage
+    )
     index = BuildIndexOperator(
         task_id="build_index",
         outlets=[Asset(INDEX_ASSET)],  # the search plugin reloads a run's index on its events
         settings=templates_of(IndexSettings),
-        trigger_rule=TriggerRule.NONE_FAILED,
         **gpu,
         **stage,
+    )
+    export = ExportSubsetOperator(
+        task_id="export_subset", enabled="{{ params.export_subset }}", settings=templates_of(ExportSettings), **stage
     )
     # Runs whatever happened upstream, so a run that failed after dedup has its report too.
     report = ReportOperator(task_id="report", trigger_rule=TriggerRule.ALL_DONE, **stage)
 
-    fetch >> dedup >> parts >> each_part >> index >> report
+    fetch >> dedup >> parts >> each_part >> curate >> index >> report
+    curate >> export >> report
     each_part >> report  # a failed part stops build_index at once; the report waits for every part
 
 

@@ -17,6 +17,7 @@ from airflow.sdk import Asset, Param, TriggerRule, dag
 from operators.index import BuildIndexOperator
 from operators.params import CONN, DAG_ARGUMENTS, GPU_POOL, GPU_QUEUE, ROOT, params_of, storage_params, templates_of
 from operators.remove_batch import RemoveBatchOperator
+from operators.curate import CurateOperator
 from operators.report import ReportOperator
 from stages.index import INDEX_ASSET
 from stages.index.build import IndexSettings
@@ -42,7 +43,9 @@ def laion_remove_batch() -> None:
         pool=GPU_POOL, queue=GPU_QUEUE, **stage,
     )  # fmt: skip
     report = ReportOperator(task_id="report", trigger_rule=TriggerRule.ALL_DONE, **stage)
-    remove >> index >> report
+    # Curation again with the settings it last ran with: the removed batch's samples leave curated/.
+    curate = CurateOperator(task_id="curate", pool=GPU_POOL, queue=GPU_QUEUE, **stage)
+    remove >> curate >> index >> report
 
 
 laion_remove_batch()

@@ -3,16 +3,13 @@ from __future__ import annotations
 from typing import Any
 
 from operators.base import StageOperator
-from stages.embeddings import gather_embeddings
 from stages.errors import NothingToDo
-from stages.images.shards import summarize_shards
 from stages.index.build import KINDS, IndexSettings, build_indexes
 from stages.index.search_files import publish_search_files
-from stages.report import downloads_line
 
 
 class BuildIndexOperator(StageOperator):
-    """autofaiss indexes over the image and the text embeddings, built or grown in place,
+    """autofaiss indexes over the image and the text embeddings curation kept, built or grown in place,
     with measured recall@10, and the files a search service reads beside them.
 
     ``settings``: :class:`stages.index.build.IndexSettings` by field name (templated).
@@ -22,10 +19,13 @@ class BuildIndexOperator(StageOperator):
 
     def run(self, context: Any) -> dict[str, Any]:
         layout = self.layout
-        # Every part's embeddings, each made by its own task, recorded as one folder first.
-        embedded = gather_embeddings(layout, {part: layout.current_shards([part]) for part in layout.current_parts()})
-        if not embedded["count"]:
-            raise NothingToDo(f"nothing to index: {downloads_line(summarize_shards(layout.images, layout.current_parts()))}")
+        curated = layout.curation_marker.recorded()
+        if not curated["kept"]:
+            raise NothingToDo(
+                f"nothing to index: curation kept none of the {curated['embedded']} embedded samples "
+                f"({curated['below_clip_score']} below the CLIP score, {curated['classifier']} by the classifier, "
+                f"{curated['near_duplicates']} near duplicates)"
+            )
         numbers = build_indexes(layout, self.stage_settings())
         numbers["search"] = publish_search_files(self.layout)
         for name in KINDS:

@@ -16,6 +16,11 @@ inputs instead of reading marker files themselves.
                                     images/<part>/_state/_done-<version>.json the part
       embeddings/{img_emb,text_emb,metadata}/   clip-retrieval's layout, files named by part;
                                     _parts/<part>.json marks a part, _SUCCESS.json the folder
+      curation/decisions/decisions_<part>_<k>.parquet   per embedded sample, in the order of
+                                    embeddings/metadata: its scores and why it was removed (if it was)
+      curated/{img_emb,text_emb,metadata}/   the kept samples only, in clip-retrieval's layout:
+                                    what the indexes hold; curation/_SUCCESS.json marks both
+      subset/<shard>.tar ...        the curated subset as webdataset (export); _SUCCESS.json
       index/{image,text}.index      autofaiss indexes; _SUCCESS.json marks the pair
       index/metadata/, index/offsets/<part>/<shard>.parquet   search files; _SEARCH.json
       report/report.{json,html}
@@ -107,6 +112,14 @@ class RunLayout:
         return self.path("embeddings")
 
     @property
+    def curation(self) -> str:
+        return self.path("curation")
+
+    @property
+    def subset(self) -> str:
+        return self.path("subset")
+
+    @property
     def index(self) -> str:
         return self.path("index")
 
@@ -118,6 +131,14 @@ class RunLayout:
     def embedding_files(self, kind: str) -> str:
         """clip-retrieval's output folder of one kind: ``img_emb``, ``text_emb`` or ``metadata``."""
         return self.path("embeddings", kind)
+
+    def curated_files(self, kind: str) -> str:
+        """The kept samples' files of one kind (``curated/img_emb`` ...): what the indexes hold."""
+        return self.path("curated", kind)
+
+    def decisions_file(self, partition: str) -> str:
+        """One embedding partition's curation decisions (``curation/decisions/decisions_<part>_<k>.parquet``)."""
+        return self.path("curation", "decisions", f"decisions_{partition}.parquet")
 
     def index_file(self, name: str) -> str:
         """An autofaiss index: ``index/image.index`` or ``index/text.index``."""
@@ -148,6 +169,14 @@ class RunLayout:
     def part_embeddings_marker(self, part: str) -> Marker:
         """Written when one dedup part's shards are embedded (``embeddings/_parts/<part>.json``)."""
         return Marker(self.path("embeddings", "_parts", f"{part}.json"), f"clip_embeddings[{part}]")
+
+    @property
+    def curation_marker(self) -> Marker:
+        return Marker(self.path("curation", "_SUCCESS.json"), "curate")
+
+    @property
+    def subset_marker(self) -> Marker:
+        return Marker(self.path("subset", "_SUCCESS.json"), "export_subset")
 
     @property
     def index_marker(self) -> Marker:

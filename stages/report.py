@@ -1,7 +1,9 @@
 """report: every stage's numbers in ``report/report.json`` and a readable ``report.html``.
 
 A report is written for every run that got past dedup, whether the later stages finished
-or not: it reads what is on storage and says which stages did not finish, and why.
+or not: it reads what is on storage and says which stages did not finish, and why. The
+curation's part (what each filter removed, the clip_score histogram, near-duplicate pairs)
+is in :mod:`stages.report_curate`.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from stages.errors import NothingToDo
 from stages.images.shards import summarize_shards
 from stages.embeddings import gather_embeddings
 from stages.layout import RunLayout
+from stages.report_curate import NOT_RUN, blocked_step, curation_steps, pair_thumbnails, render_curation, summarize_curation
 
 log = logging.getLogger(__name__)
 
-STAGE_ORDER = ["fetch_metadata", "dedup", "download_images", "clip_embeddings", "build_index"]
+STAGE_ORDER = ["fetch_metadata", "dedup", "download_images", "clip_embeddings", "curate", "build_index"]
 SUCCESS = "success"  # Airflow's task state of a finished stage; the others are reported as they are
 REASONS_SHOWN = 5  # failure reasons named in a one-line summary of the downloads
 
@@ -79,19 +82,28 @@ def build_report(
     ``outcomes`` say how each stage's tasks ended in this run (``{"state": ..., "reason":
     ...}`` by stage). A stage that did not succeed has no numbers in the report (its
     marker, perhaps an earlier run's, is not read) and the funnel stops before it. Without
-    ``outcomes``, every stage must have finished. No report without dedup's parts.
+    ``outcomes``, every stage must have finished, curation aside: an output root never
+    curated is reported so (``curate.state`` "not run"). No report without dedup's parts.
+
+    The funnel counts what is left after each step; a filter's step (``blocked``, ``below
+    the CLIP score``, ``classifier``, ``near-duplicates``) also says how many it ``removed``.
+    ``blocked`` comes before ``downloaded``: the blocklists act before and during downloads.
     """
     stages = summarize_stages(stage_numbers, outcomes)
     states = {s["name"]: s["state"] for s in stages}
     if states.get("dedup", SUCCESS) != SUCCESS:
         raise NothingToDo(f"no report for {layout.output_root}: {unfinished_reason(stages)}")
     dedup = layout.dedup_stats()
-    shards = summarize_shards(layout.images, layout.current_parts(dedup))
+    parts = layout.current_parts(dedup)
+    shards = summarize_shards(layout.images, parts)
     finished = {name: states.get(name, SUCCESS) == SUCCESS for name in STAGE_ORDER}
     # Each part's task marks its own embeddings: their totals, as build_index records them.
-    tars_by_part = {part: layout.current_shards([part]) for part in layout.current_parts(dedup)}
+    tars_by_part = {part: layout.current_shards([part]) for part in parts}
     embeddings = gather_embeddings(layout, tars_by_part, write=False) if finished["clip_embeddings"] else None
     index = layout.index_marker.recorded() if finished["build_index"] else None
+    # Curation is read when it and the embeddings it curates finished in this run.
+    curate_ended = None if finished["curate"] and finished["clip_embeddings"] else states.get("curate", NOT_RUN)
+    curate = summarize_curation(layout, parts, curate_ended)
     count = shards["count"]
     download = {
         "count": count,
@@ -115,16 +127,18 @@ def build_report(
         {"step": "raw rows", "count": dedup["rows_in"]},
         {"step": "valid", "count": dedup["rows_in"] - dedup["rows_invalid"]},
         {"step": "unique", "count": dedup["rows_out"]},
+        *blocked_step(curate, dedup["rows_out"]),
         {"step": "downloaded", "count": shards["successes"]},
     ]
     if embeddings is not None:
         funnel.append({"step": "embedded", "count": embeddings["count"]})
+        funnel.extend(curation_steps(curate))
     if index is not None:
         funnel.append({"step": "indexed", "count": index["image"]["ntotal"]})
     # What the report says of the data and of how its stages ended: a rerun that changed
     # none of it leaves the report as is.
     ended = {s["name"]: [s["state"], s.get("reason")] for s in stages if s["state"] != SUCCESS}
-    inputs = json.dumps([dedup, shards, embeddings, index, ended], sort_keys=True, default=str)
+    inputs = json.dumps([dedup, shards, embeddings, curate, index, ended], sort_keys=True, default=str)
     return {
         "inputs_fingerprint": hashlib.sha256(inputs.encode()).hexdigest(),
         "run": run,
@@ -142,6 +156,7 @@ def build_report(
         "download": download,
         "latest_batch": latest_batch(layout, dedup, index_summary),
         "embeddings": {k: (embeddings or {}).get(k) for k in ("count", "dim", "device", "clip_model", "samples_per_second")},
+        "curate": curate,
         "index": index_summary,
         "funnel": funnel,
     }
@@ -205,10 +220,17 @@ def batch_line(report: Mapping[str, Any]) -> str:
     return html.escape(line)
 
 
-def render_html(report: dict[str, Any]) -> str:
-    """A self-contained page: how the run ended, stage durations and the funnel as bar charts, then tables."""
+def step_shown(step: Mapping[str, Any]) -> str:
+    """A funnel step's count, and what it removed when it is a filter: ``7 (2 removed)``."""
+    return f'{step["count"]:,} ({step["removed"]:,} removed)' if "removed" in step else f'{step["count"]:,}'
+
+
+def render_html(report: dict[str, Any], thumbnails: Mapping[str, str] | None = None) -> str:
+    """A self-contained page: how the run ended, stage durations and the funnel as bar
+    charts, then tables and the curation; ``thumbnails`` (key -> data: URI) show the
+    removed near-duplicate pairs."""
     stages = _bars([(s["name"], s["duration_s"] or 0, stage_shown(s)) for s in report["stages"]], "#3b82f6")
-    funnel = _bars([(f["step"], f["count"], f'{f["count"]:,}') for f in report["funnel"]], "#10b981")
+    funnel = _bars([(f["step"], f["count"], step_shown(f)) for f in report["funnel"]], "#10b981")
     errors = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in report["download"]["errors"].items()
     ) or "<tr><td colspan=2>none</td></tr>"
@@ -242,6 +264,8 @@ body{{font-family:system-ui,sans-serif;margin:2em;max-width:60em;color:#111}}
 .label{{width:12em}} .bar{{display:inline-block;height:1.1em;border-radius:3px}} .value{{margin-left:.5em}}
 .incomplete{{border-left:4px solid #ef4444;padding:.3em .8em;background:#fef2f2}}
 table{{border-collapse:collapse;margin:.5em 0}} td,th{{border:1px solid #ddd;padding:.25em .6em;text-align:left}}
+#near-duplicate-pairs{{display:flex;flex-wrap:wrap;gap:1em}} .pair{{margin:0;width:14em}} .pair img{{margin-right:.3em}}
+.pair figcaption{{font-size:.8em;overflow-wrap:anywhere}}
 </style></head><body>
 <h1>laion_pipeline run {run}</h1>
 {ended}
@@ -260,6 +284,7 @@ table{{border-collapse:collapse;margin:.5em 0}} td,th{{border:1px solid #ddd;pad
 <table><tr><th>shard</th><th>successes</th><th>bytes</th></tr>{shards}</table>
 <h2>Embeddings</h2>
 <p>{embedded}</p>
+{render_curation(report.get("curate"), thumbnails or {})}
 <h2>Indexes</h2>
 <table><tr><th>index</th><th>key</th><th>vectors</th><th>bytes</th><th>recall@10</th></tr>{index}</table>
 </body></html>
@@ -277,6 +302,6 @@ def write_report(layout: RunLayout, report: dict[str, Any]) -> dict[str, Any]:
     if previous is not None and previous.get("inputs_fingerprint") == report["inputs_fingerprint"]:
         log.info("Skipping report: %s (run %s) describes the same artifacts", json_url, previous["run"].get("run_id"))
         return {"report_json": json_url, "report_html": html_url, "skipped": True}
-    storage.write_text(html_url, render_html(report))
+    storage.write_text(html_url, render_html(report, pair_thumbnails(layout, report.get("curate"))))
     storage.write_json(json_url, report)
     return {"report_json": json_url, "report_html": html_url}

@@ -233,11 +233,18 @@ class RunIndex:
     def indexed_vectors(self) -> StoredVectors:
         """The stored image embeddings the index holds, in its row order (the npy files its marker names)."""
         built = self.built.get("image", {})
-        stored = StoredVectors(self.layout.embedding_files("img_emb"), names=list(built["files"]) if "files" in built else None)
+        stored = StoredVectors(self.indexed_files("img_emb"), names=list(built["files"]) if "files" in built else None)
         if "ntotal" in built and stored.total != built["ntotal"]:
             raise ValueError(f"the npy files under {stored.folder} hold {stored.total} rows, the image index {built['ntotal']}: "
                              "rerun build_index")
         return stored
+
+    def indexed_files(self, kind: str) -> str:
+        """The folder of the npy (or metadata) files the index holds: the curated samples
+        (indexes built before curation existed hold all of ``embeddings/``)."""
+        if self.built.get("source") == "curated":
+            return self.layout.curated_files(kind)
+        return self.layout.embedding_files(kind)
 
     @cached_property
     def built(self) -> dict[str, Any]:
@@ -249,7 +256,7 @@ class RunIndex:
         """The metadata rows in index order, looked up where they lie (footers read now)."""
         folder = self.layout.search_metadata
         if not storage.exists(folder):  # published before index/metadata existed
-            folder = self.layout.embedding_files("metadata")
+            folder = self.indexed_files("metadata")
         files = storage.list_files(folder, "*.parquet")
         if not files:
             raise FileNotFoundError(f"{folder} holds no metadata .parquet: the index of {self.output_root} has no rows to show")
@@ -257,7 +264,7 @@ class RunIndex:
 
     @cached_property
     def image_embeddings(self) -> EmbeddingRows:
-        return EmbeddingRows(self.layout.embedding_files("img_emb"))
+        return EmbeddingRows(self.indexed_files("img_emb"), names=list(self.built.get("image", {}).get("files", {})) or None)
 
     def vector_of(self, key: str) -> Any:
         """The stored image embedding of sample ``key`` (KeyError when the run has no such sample)."""

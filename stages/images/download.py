@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -12,6 +13,13 @@ from typing import Any
 from fsspec.core import url_to_fs
 
 from stages import storage
+from stages.curate.blocklists import (
+    BlocklistSettings,
+    blocklist_changed,
+    drop_blocked_urls,
+    image_blocklist,
+    url_blocklist,
+)
 from stages.errors import InputError
 from stages.images.parts import RETRY_SHARD_BASE, SHARD_ID_DIGITS, claim_folder, first_shard_id, record_settings
 from stages.images.safe_fetch import FetchPolicy
@@ -19,6 +27,7 @@ from stages.images.shards import finished_shard_ids, summarize_shards
 from stages.processes import spawn_without_main
 from stages.settings import setting
 
+log = logging.getLogger(__name__)
 # What LAION-400M kept next to each image, beside url and caption.
 ADDITIONAL_COLUMNS = ["SAMPLE_ID", "NSFW", "similarity", "LICENSE"]
 RESIZE_MODES = ["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
@@ -41,6 +50,7 @@ class DownloadSettings:
     # spawned worker redoes; "spawn" is img2dataset's own choice, and the one for macOS.
     start_method: str = "fork" if sys.platform == "linux" else "spawn"
     fetch_policy: FetchPolicy = field(default_factory=FetchPolicy)
+    blocklists: BlocklistSettings = field(default_factory=BlocklistSettings)
 
     def __post_init__(self) -> None:
         if self.start_method not in ("fork", "forkserver", "spawn"):
@@ -57,33 +67,48 @@ def download_part(part_url: str, output_folder: str, settings: DownloadSettings,
     img2dataset's incremental mode makes a rerun skip every shard whose stats file exists,
     so a cleared task redoes only unfinished shards. Shards made from another version of
     the dedup output (``dedup_version``) hold other rows: they are removed first, never
-    mixed in. A full disk raises :class:`~stages.storage.DiskFullError` naming
-    ``output_folder``; the shards finished before it are kept for the rerun. ``complete``
-    in the numbers says whether every shard of the part is finished.
+    mixed in; so are shards made with another URL blocklist. Rows with a blocked URL are
+    left out before img2dataset reads the part. A full disk raises
+    :class:`~stages.storage.DiskFullError` naming ``output_folder``; the shards finished
+    before it are kept for the rerun. ``complete`` in the numbers says whether every shard
+    of the part is finished.
     """
     started = time.monotonic()
+    # Checked on the whole part, before any work: the rows a blocklist leaves out do not count.
     shards = math.ceil(_parquet_rows(part_url) / settings.number_sample_per_shard)
     if shards > RETRY_SHARD_BASE:
         raise InputError(
             f"dedup part {part_url} needs {shards} shards of {settings.number_sample_per_shard} samples; "
             f"a part holds at most {RETRY_SHARD_BASE}: raise number_sample_per_shard or dedup_partitions"
         )
+    blocked_urls = url_blocklist(settings.blocklists)
     with storage.disk_full_reported(output_folder):
         claim_folder(output_folder, dedup_version)
+        if blocklist_changed(output_folder, blocked_urls) and finished_shard_ids(output_folder):
+            log.info("Removing shards of %s: made with another URL blocklist", output_folder)
+            fs, path = url_to_fs(output_folder)
+            fs.rm(path, recursive=True)
+            claim_folder(output_folder, dedup_version)
         record_settings(output_folder, {k: getattr(settings, k) for k in IMAGE_SETTINGS})
-    run_img2dataset(part_url, output_folder, settings, first_shard_id(part_url))
+        rows_url, blocked = drop_blocked_urls(part_url, output_folder, blocked_urls, dedup_version=dedup_version)
+    if blocked:
+        shards = math.ceil(_parquet_rows(rows_url) / settings.number_sample_per_shard)
+    if shards:  # none when every row's URL is blocked
+        run_img2dataset(rows_url, output_folder, settings, first_shard_id(part_url))
     numbers = summarize_shards(output_folder)
     wanted = set(range(first_shard_id(part_url), first_shard_id(part_url) + shards))
     numbers["complete"] = wanted <= finished_shard_ids(output_folder)
     numbers["seconds"] = round(time.monotonic() - started, 3)
     numbers["settings"] = {k: v for k, v in asdict(settings).items() if k != "fetch_policy"}
+    numbers["blocked_url"] = blocked
     return numbers
 
 
 def run_img2dataset(
     url_list: str, output_folder: str, settings: DownloadSettings, first_shard: int, extra_columns: tuple[str, ...] = ()
 ) -> None:
-    """img2dataset over ``url_list`` through the download guard, shards numbered from ``first_shard``.
+    """img2dataset over ``url_list`` through the download guard, shards numbered from ``first_shard``;
+    images on ``settings.blocklists``' image list are dropped as ``blocked_image``.
 
     A full disk under ``output_folder`` raises :class:`~stages.storage.DiskFullError`.
     """
@@ -97,7 +122,7 @@ def run_img2dataset(
     with (
         storage.disk_full_reported(output_folder),
         shards_numbered_from(first_shard),
-        guarded_downloads(settings.fetch_policy, settings.start_method),
+        guarded_downloads(settings.fetch_policy, settings.start_method, image_blocklist(settings.blocklists)),
         spawn_without_main(),
     ):
         download(**arguments)

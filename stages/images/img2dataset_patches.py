@@ -21,7 +21,8 @@ same only to print running totals, which the stage reports itself from the shard
 stats. Here the pool is forked from the task process, its imports already done, and no
 logger process is started. The pool's workers are handed the task's
 :class:`~stages.images.politeness.HostPacer` when they start, so that all of them together
-keep each host's pace.
+keep each host's pace, and the image blocklist
+(:mod:`stages.curate.blocklists`), once per worker rather than with every shard.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from img2dataset import downloader as img2dataset_downloader
 from img2dataset import writer as img2dataset_writer
 from img2dataset.logger import write_stats as img2dataset_write_stats
 
+from stages.curate.blocklists import BLOCKED_IMAGE, Blocklist
 from stages.images import politeness
 from stages.images.parts import PARTIAL_DIR
 from stages.images.safe_fetch import FetchPolicy, FetchRefused, fetch_image
@@ -45,6 +47,7 @@ from stages.layout import SHARD_STATS_SUFFIX
 from stages.storage import DISK_FULL_ERRNOS
 
 _policy: FetchPolicy | None = None
+_image_blocklist = Blocklist()  # set in each worker when it starts
 
 
 class AtomicWebDatasetWriter(img2dataset_writer.WebDatasetSampleWriter):
@@ -89,7 +92,11 @@ def publish_shard(output_folder: str, shard_id: int, *stats: Any) -> None:
 def guarded_download_image_with_retry(
     row: tuple[int, str], timeout: float, retries: int, user_agent_token: str | None, disallowed_header_directives: Any
 ) -> tuple[int, io.BytesIO | None, str | None]:
-    """Same contract as img2dataset's: (key, body stream or None, reason or None)."""
+    """Same contract as img2dataset's: (key, body stream or None, reason or None).
+
+    An image on the blocklist is dropped here, before img2dataset decodes or writes it,
+    with the reason ``blocked_image``; it is not asked for again.
+    """
     key, url = row
     reason = None
     for _ in range(retries + 1):
@@ -101,6 +108,8 @@ def guarded_download_image_with_retry(
                 disallowed_directives=disallowed_header_directives,
                 user_agent_token=user_agent_token,
             )
+            if _image_blocklist and _image_blocklist.matches(body):
+                return key, None, BLOCKED_IMAGE
             return key, io.BytesIO(body), None
         except FetchRefused as refused:
             reason = str(refused)
@@ -156,35 +165,39 @@ class _NoLogger:
         pass
 
 
-def _start_worker(pacer: politeness.HostPacer) -> None:
+def _start_worker(pacer: politeness.HostPacer, image_blocklist: Blocklist) -> None:
     """A forked worker inherits the task's signal handlers (Airflow's SIGTERM handler among
     them); the pool stops its workers with SIGTERM, which must simply end them. Every
-    worker paces hosts with the task's pacer."""
+    worker paces hosts with the task's pacer and drops the images on the blocklist."""
+    global _image_blocklist
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     politeness.install(pacer)
+    _image_blocklist = image_blocklist
 
 
 class _PoolContext:
     """What img2dataset's distributor asks ``get_context("spawn")`` for: a Pool, here
     started with ``start_method``, whose workers share one host pacer (replaced workers too:
-    img2dataset's pool ends each worker after a few shards)."""
+    img2dataset's pool ends each worker after a few shards), and one image blocklist."""
 
-    def __init__(self, start_method: str) -> None:
+    def __init__(self, start_method: str, image_blocklist: Blocklist = Blocklist()) -> None:
         self.context = multiprocessing.get_context(start_method)
         self.pacer = politeness.HostPacer(self.context)
+        self.image_blocklist = image_blocklist
 
     def Pool(self, processes: int, maxtasksperchild: int | None = None) -> Any:  # noqa: N802 - multiprocessing's name
-        return self.context.Pool(
-            processes, initializer=_start_worker, initargs=(self.pacer,), maxtasksperchild=maxtasksperchild
-        )
+        initargs = (self.pacer, self.image_blocklist)
+        return self.context.Pool(processes, initializer=_start_worker, initargs=initargs, maxtasksperchild=maxtasksperchild)
 
 
 @contextmanager
-def guarded_downloads(policy: FetchPolicy, start_method: str) -> Iterator[None]:
-    """Within the block, ``img2dataset.download`` fetches through ``policy``, writes
-    atomically, starts its workers with ``start_method``, all pacing hosts together, and
-    no logger process."""
+def guarded_downloads(
+    policy: FetchPolicy, start_method: str, image_blocklist: Blocklist = Blocklist()
+) -> Iterator[None]:
+    """Within the block, ``img2dataset.download`` fetches through ``policy``, drops the
+    images on ``image_blocklist``, writes atomically, starts its workers with
+    ``start_method``, all pacing hosts together, and no logger process."""
     img2dataset_main = sys.modules["img2dataset.main"]
     distributor = sys.modules["img2dataset.distributor"]
 
@@ -198,7 +211,7 @@ def guarded_downloads(policy: FetchPolicy, start_method: str) -> Iterator[None]:
     img2dataset_main.Downloader = build
     img2dataset_main.WebDatasetSampleWriter = AtomicWebDatasetWriter
     img2dataset_main.LoggerProcess = _NoLogger
-    pools = _PoolContext(start_method)  # one pacer for the whole download
+    pools = _PoolContext(start_method, image_blocklist)  # one pacer for the whole download
     distributor.get_context = lambda _method: pools
     try:
         yield

@@ -12,7 +12,8 @@ successes.
 
 A batch is written before any of its shards, so a retry killed mid-way resumes the same
 batch (same samples, same shard ids) on the next try, and a sample is never retried twice
-at once. Permanent failures (404, 403, decode errors...) are never requested again.
+at once. Permanent failures (404, 403, decode errors, ``blocked_image``...) are never
+requested again, nor is a URL on the URL blocklist (:mod:`stages.curate.blocklists`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 from fsspec.core import url_to_fs
 
 from stages import storage
+from stages.curate.blocklists import Blocklist, url_blocklist
 from stages.images.download import ADDITIONAL_COLUMNS, IMAGE_SETTINGS, DownloadSettings, run_img2dataset
 from stages.images.parts import (
     RETRY_OF,
@@ -106,7 +108,7 @@ def retry_part(part_url: str, output_folder: str, settings: RetrySettings, *, de
     per_shard = download.number_sample_per_shard
     batch = unfinished_batch(output_folder, per_shard)
     if batch is None:
-        batch = new_batch(part_url, output_folder, per_shard, settings.reasons)
+        batch = new_batch(part_url, output_folder, per_shard, settings.reasons, url_blocklist(download.blocklists))
     retried, shards = 0, range(0)
     if batch is None:
         log.info("Nothing to retry in %s: no sample failed with %s", output_folder, ", ".join(settings.reasons))
@@ -152,9 +154,11 @@ def unfinished_batch(output_folder: str, per_shard: int) -> tuple[str, int, int]
     return None
 
 
-def new_batch(part_url: str, output_folder: str, per_shard: int, reasons: tuple[str, ...]) -> tuple[str, int, int] | None:
+def new_batch(
+    part_url: str, output_folder: str, per_shard: int, reasons: tuple[str, ...], blocked_urls: Blocklist = Blocklist()
+) -> tuple[str, int, int] | None:
     """Write the next retry batch of the part: its failed samples with a reason in ``reasons``
-    that no earlier batch holds. None when there are none."""
+    that no earlier batch holds and whose URL is not on ``blocked_urls``. None when there are none."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -166,6 +170,8 @@ def new_batch(part_url: str, output_folder: str, per_shard: int, reasons: tuple[
         for row in table:
             if row["status"] == "success" or row["key"] in retried or not is_transient(row.get("error_message"), reasons):
                 continue
+            if blocked_urls and blocked_urls.matches_url(row["url"]):
+                continue  # listed since the part was downloaded: never requested again
             wanted["URL"].append(row["url"])
             wanted["TEXT"].append(row["caption"])
             for column in ADDITIONAL_COLUMNS:

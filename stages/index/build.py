@@ -42,6 +42,7 @@ ADDED = "added"  # the new npy files' vectors added to the earlier index
 READDED = "readded"  # some npy files removed: the index emptied (training kept) and refilled
 RETRAINED = "retrained"  # an earlier index, but the rule says autofaiss again ("retrain_reason")
 SKIPPED = "skipped"  # the index's npy files are those it holds: kept as it is
+SOURCE = "curated"  # the marker's "source": the folder whose npy files the index holds (earlier: embeddings)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def build_indexes(
     layout: RunLayout, settings: IndexSettings, *, recall_queries: int = 1000, nb_cores: int | None = None
 ) -> dict[str, Any]:
     """Build or grow ``image.index`` and ``text.index`` (+ their infos) from
-    ``layout.embeddings`` into ``layout.index`` and measure recall@10.
+    ``layout.curated_files`` (the samples curation kept) into ``layout.index`` and measure recall@10.
 
     Nothing is done when the embeddings and the settings are those of the index marker.
     Otherwise each index takes the first action of :func:`growth_plan` that applies:
@@ -81,7 +82,7 @@ def build_indexes(
     builds leaves the folder as it was; readers take the pair as current only with a
     marker that names its inputs.
     """
-    folders = {name: layout.embedding_files(sub) for name, sub in KINDS.items()}
+    folders = {name: layout.curated_files(sub) for name, sub in KINDS.items()}  # the kept samples only
     npys = sorted(f for folder in folders.values() for f in storage.list_files(folder, "*.npy"))
     index_key = settings.index_key or None
     built_with = {"max_index_memory_usage": settings.max_index_memory_usage, "index_key": index_key, "recall_target": RECALL_TARGET}
@@ -92,7 +93,7 @@ def build_indexes(
         return {**done, "skipped": True}
 
     previous = layout.index_marker.read()
-    numbers: dict[str, Any] = dict(built_with)
+    numbers: dict[str, Any] = {**built_with, "source": SOURCE}
     with tempfile.TemporaryDirectory(prefix="laion-index-") as staging:
         for name, folder in folders.items():
             numbers[name] = update_index(

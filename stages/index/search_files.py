@@ -1,6 +1,6 @@
 """What build_index publishes, next to the indexes, for a search service.
 
-- ``index/metadata/*.parquet`` -- the embeddings' metadata in index order: clip-retrieval's
+- ``index/metadata/*.parquet`` -- the kept samples' metadata in index order: clip-retrieval's
   own layout, so its back end (``clip_retrieval.clip_back``) loads the folder unchanged;
 - ``index/offsets/<part>/<shard>.parquet`` -- where each member of each webdataset tar
   starts and how long it is, so showing a sample is one ranged read of its tar (local or S3),
@@ -82,14 +82,14 @@ def publish_search_files(layout: RunLayout) -> dict[str, Any]:
     rewrites nothing, and a search service takes a new index as published only once this
     marker names it (until then index/metadata/ may be half updated).
     """
-    embeddings = layout.embeddings_marker.recorded()
+    curated = layout.curation_marker.recorded()
     tars = layout.current_shards()
     sizes = {}
     for tar in tars:
         fs, tar_path = url_to_fs(tar)
         sizes["/".join(shard_location(tar))] = fs.size(tar_path)
     index = layout.index_marker.read() or {}
-    wanted = {"index_fingerprint": index.get("input_fingerprint"), "embeddings_fingerprint": embeddings["input_fingerprint"], "tars": sizes}
+    wanted = {"index_fingerprint": index.get("input_fingerprint"), "curation_fingerprint": curated["input_fingerprint"], "curation_settings": curated.get("settings"), "tars": sizes}
     marker = layout.search_marker
     if marker.done_with(wanted) is not None:
         log.info("Search files are current: %s matches %d shards", marker.url, len(tars))
@@ -107,7 +107,7 @@ def publish_search_files(layout: RunLayout) -> dict[str, Any]:
         part, name = posixpath.basename(posixpath.dirname(table)), posixpath.basename(table)
         if f"{part}/{name[: -len('.parquet')]}" not in sizes:  # a shard no longer current
             storage.remove(table)
-    copied = mirror_folder(layout.embedding_files("metadata"), layout.search_metadata, "*.parquet")
+    copied = mirror_folder(layout.curated_files("metadata"), layout.search_metadata, "*.parquet")
     marker.mark_done(wanted, {})
     log.info("Published %d offset tables and %d metadata files for search", written, copied)
     return {"offset_tables_written": written, "metadata_files_written": copied, "skipped": False}

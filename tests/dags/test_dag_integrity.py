@@ -62,7 +62,7 @@ def dag(bag):
 
 def test_parses_without_errors(probe: dict) -> None:
     assert probe["errors"] == {}
-    assert probe["dags"] == ["laion_pipeline", "laion_remove_batch", "laion_retry_failed"]
+    assert probe["dags"] == ["laion_export_subset", "laion_pipeline", "laion_remove_batch", "laion_retry_failed"]
 
 
 def test_parsing_connects_to_nothing_and_starts_no_process(probe: dict) -> None:
@@ -75,8 +75,9 @@ def test_parsing_imports_no_heavy_library(probe: dict) -> None:
 
 
 def test_stages_in_order(dag) -> None:
-    order = ["fetch_metadata", "dedup", "list_dedup_parts", "download_images", "clip_embeddings", "build_index", "report"]
-    assert set(dag.task_ids) == set(order)
+    order = ["fetch_metadata", "dedup", "list_dedup_parts", "download_images", "clip_embeddings", "curate", "build_index", "report"]
+    assert set(dag.task_ids) == {*order, "export_subset"}
+    assert dag.get_task("export_subset").upstream_task_ids == {"curate"}
     for upstream, downstream in zip(order, order[1:]):
         assert downstream in dag.get_task(upstream).downstream_task_ids
 

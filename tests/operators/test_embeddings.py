@@ -49,8 +49,9 @@ def test_embeds_the_finished_shards_of_its_part(tmp_path: Path) -> None:
 
 def test_a_part_whose_downloads_all_failed_has_no_embeddings_and_the_index_nothing(tmp_path: Path) -> None:
     """Each part records zero embeddings (one dead part does not fail a run of thousands);
-    build_index then fails at once, saying how many samples were tried and why they failed."""
-    from operators.index import BuildIndexOperator
+    curate (the first task over every part) then fails at once, saying how many samples
+    were tried and why they failed."""
+    from operators.curate import CurateOperator
 
     layout = RunLayout(str(tmp_path))
     layout.dedup_marker.mark_done({"input_fingerprint": "d", "partitions": 2}, {"parts": ["part-00000.parquet", "part-00001.parquet"]})
@@ -66,6 +67,6 @@ def test_a_part_whose_downloads_all_failed_has_no_embeddings_and_the_index_nothi
         numbers = operator.execute(context={})
         assert (numbers["count"], numbers["partitions"]) == (0, 0)
     assert not list(Path(layout.embeddings).glob("img_emb/*"))
-    index = BuildIndexOperator(task_id="build_index", output_root=str(tmp_path), settings={})
+    index = CurateOperator(task_id="curate", output_root=str(tmp_path), settings={})
     with pytest.raises(AirflowFailException, match="nothing to index: 0 of 6 downloaded: refused_private_address 4, dns_error 2 "):
         index.execute(context={})

@@ -146,13 +146,36 @@ def test_a_stage_ends_as_its_worst_task() -> None:
 
 def test_the_report_waits_for_every_task_of_the_run() -> None:
     """all_done, and downstream of every part's embeddings (each downstream of its part's
-    download): a part that failed early fails build_index at once, while other parts may
-    still be downloading or embedding, and the report waits for them."""
+    download): a part that failed early fails curate and build_index at once, while other
+    parts may still be downloading or embedding, and the report waits for them."""
     from airflow.dag_processing.dagbag import DagBag
 
     dag = DagBag(dag_folder=str(REPO / "dags")).dags["laion_pipeline"]
     report = dag.get_task("report")
     assert report.trigger_rule == "all_done"
-    assert report.upstream_task_ids == {"build_index", "clip_embeddings"}
+    assert report.upstream_task_ids == {"build_index", "clip_embeddings", "export_subset"}
     assert dag.get_task("clip_embeddings").upstream_task_ids == {"download_images", "list_dedup_parts"}  # the part it maps over
-    assert dag.get_task("build_index").upstream_task_ids == {"clip_embeddings"}
+    assert dag.get_task("curate").upstream_task_ids == {"clip_embeddings"}
+    assert dag.get_task("build_index").upstream_task_ids == {"curate"}
+
+
+def test_a_run_whose_curation_failed_reports_its_blocklists_and_not_an_earlier_curation(tmp_path: Path) -> None:
+    """The curation marker on the root is an earlier run's: its numbers are not this run's."""
+    layout = RunLayout(str(tmp_path))
+    shards(layout, {"count": 2, "successes": 1, "failed_to_download": 1, "status_dict": {"success": 1, "blocked_image": 1}})
+    mark_embedded(layout, 2)
+    layout.curation_marker.mark_done({"input_fingerprint": "old"}, {"embedded": 9, "kept": 9, "below_clip_score": 0})
+    reason = "InputError: min_clip_score 2 is out of range"
+    ti = DagRunSeen(
+        {("curate", FAILURE_KEY): {"reason": reason}},
+        {"dedup": "success", "download_images_0": "success", "download_images_1": "success", "clip_embeddings_0": "success",
+         "clip_embeddings_1": "success", "curate": "failed", "build_index": "upstream_failed"},
+    )  # fmt: skip
+    with pytest.raises(AirflowFailException, match=rf"the run did not finish: curate failed: {reason}"):
+        ReportOperator(task_id="report", output_root=str(tmp_path)).execute(context={"ti": ti})
+    report = report_of(tmp_path)
+    assert [(s["name"], s["state"]) for s in report["stages"]][-2:] == [("curate", "failed"), ("build_index", "upstream_failed")]
+    assert {k: report["curate"][k] for k in ("state", "blocked_url", "blocked_image", "embedded", "kept")} == {
+        "state": "failed", "blocked_url": 0, "blocked_image": 2, "embedded": None, "kept": None,
+    }
+    assert [(f["step"], f["count"], f.get("removed")) for f in report["funnel"]][3:] == [("blocked", 2, 2), ("downloaded", 2, None), ("embedded", 2, None)]

@@ -41,14 +41,14 @@ def write_run(root: Path, sizes: list[int]) -> tuple[pd.DataFrame, np.ndarray]:
     start = 0
     for part, size in enumerate(sizes):
         write_metadata(Path(layout.search_metadata), f"metadata_{part:05d}.parquet", keys_of(part, size), statistics=part != 2)
-        npy = Path(layout.embedding_files("img_emb")) / f"img_emb_{part:05d}.npy"
+        npy = Path(layout.curated_files("img_emb")) / f"img_emb_{part:05d}.npy"
         npy.parent.mkdir(parents=True, exist_ok=True)
         np.save(npy, vectors[start : start + size].astype("float16"))
         start += size
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
     faiss.write_index(index, str(Path(layout.index) / "image.index"))
-    layout.index_marker.mark_done({"input_fingerprint": "f"}, {"image": {"index_key": "Flat", "index_param": "", "ntotal": len(vectors)}})
+    layout.index_marker.mark_done({"input_fingerprint": "f"}, {"source": "curated", "image": {"index_key": "Flat", "index_param": "", "ntotal": len(vectors)}})
     frames = [pd.read_parquet(f) for f in sorted(Path(layout.search_metadata).glob("*.parquet"))]
     return pd.concat(frames, ignore_index=True), vectors
 

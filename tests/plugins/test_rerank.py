@@ -27,12 +27,12 @@ def mixture(n: int, seed: int, dim: int = 64, clusters: int = 300) -> np.ndarray
 def add_partition(layout: RunLayout, number: int, vectors: np.ndarray) -> None:
     """One embedding partition as clip_embeddings writes it: float16 rows and their metadata."""
     for sub in ("img_emb", "text_emb"):
-        Path(layout.embedding_files(sub)).mkdir(parents=True, exist_ok=True)
-        np.save(Path(layout.embedding_files(sub), f"{sub}_{number:05d}.npy"), vectors.astype("float16"))
+        Path(layout.curated_files(sub)).mkdir(parents=True, exist_ok=True)
+        np.save(Path(layout.curated_files(sub), f"{sub}_{number:05d}.npy"), vectors.astype("float16"))
     keys = [f"{number:05d}{i:05d}" for i in range(len(vectors))]
-    Path(layout.embedding_files("metadata")).mkdir(parents=True, exist_ok=True)
+    Path(layout.curated_files("metadata")).mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"image_path": keys, "caption": keys, "url": keys}).to_parquet(
-        Path(layout.embedding_files("metadata"), f"metadata_{number:05d}.parquet")
+        Path(layout.curated_files("metadata"), f"metadata_{number:05d}.parquet")
     )
 
 
@@ -83,9 +83,9 @@ def test_a_run_whose_npy_files_no_longer_match_its_index_is_refused_by_name(tmp_
     layout = RunLayout(str(tmp_path))
     add_partition(layout, 0, mixture(3000, seed=3))
     build_indexes(layout, IndexSettings(index_key=PQ_KEY), recall_queries=300)
-    np.save(Path(layout.embedding_files("img_emb"), "img_emb_00000.npy"), mixture(2000, seed=3).astype("float16"))
+    np.save(Path(layout.curated_files("img_emb"), "img_emb_00000.npy"), mixture(2000, seed=3).astype("float16"))
     with pytest.raises(ValueError, match="hold 2000 rows, the image index 3000: rerun build_index"):
         RunIndex(str(tmp_path)).index  # noqa: B018
-    Path(layout.embedding_files("img_emb"), "img_emb_00000.npy").unlink()
+    Path(layout.curated_files("img_emb"), "img_emb_00000.npy").unlink()
     with pytest.raises(FileNotFoundError, match="lacks img_emb_00000.npy, which the index holds"):
         RunIndex(str(tmp_path)).index  # noqa: B018

@@ -30,7 +30,7 @@ build_indexes(RunLayout(sys.argv[1]), IndexSettings(index_key="OPQ32_128,IVF64,P
 @pytest.mark.timeout(1800)  # a build to its event (600 s at most), then a whole rebuild (900 s)
 def test_a_killed_index_build_leaves_nothing_and_rebuilds(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    embeddings = tmp_path / "embeddings"
+    embeddings = tmp_path / "curated"  # the kept samples' embeddings: what build_index reads
     for sub in ("img_emb", "text_emb"):
         (embeddings / sub).mkdir(parents=True)
         centers = rng.normal(size=(200, 128))

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-import fsspec
 import pytest
+
+from moto_s3 import moto_bucket
 
 from stages import storage
 from stages.layout import Marker, RunLayout, shard_location
@@ -83,20 +83,5 @@ def test_a_marker_is_done_only_for_the_inputs_it_records(tmp_path: Path) -> None
 
 @pytest.fixture
 def s3_bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    config = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setitem(fsspec.config.conf, "s3", config)
-    fsspec.get_filesystem_class("s3").clear_instance_cache()
-    fsspec.filesystem("s3").mkdir("layout-test")
-    try:
-        yield "layout-test"
-    finally:
-        fsspec.get_filesystem_class("s3").clear_instance_cache()
-        server.stop()
+    with moto_bucket(monkeypatch, "layout-test") as bucket:
+        yield bucket

@@ -26,10 +26,10 @@ from vectors import clustered
 def run(tmp_path: Path) -> RunLayout:
     """A run with image and text embeddings in two partitions each."""
     for sub, seed in (("img_emb", 1), ("text_emb", 2)):
-        (tmp_path / "embeddings" / sub).mkdir(parents=True)
+        (tmp_path / "curated" / sub).mkdir(parents=True)
         vectors = clustered(3000, 64, 300, seed)
-        np.save(tmp_path / "embeddings" / sub / f"{sub}_0.npy", vectors[:1500])
-        np.save(tmp_path / "embeddings" / sub / f"{sub}_1.npy", vectors[1500:])
+        np.save(tmp_path / "curated" / sub / f"{sub}_0.npy", vectors[:1500])
+        np.save(tmp_path / "curated" / sub / f"{sub}_1.npy", vectors[1500:])
     return RunLayout(str(tmp_path))
 
 
@@ -49,11 +49,11 @@ def test_rebuilds_only_when_embeddings_change(run: RunLayout) -> None:
     # The marker keeps its format: what earlier runs wrote stays valid.
     recorded = json.loads(Path(run.index_marker.url).read_text())
     assert recorded == first
-    assert {"input_fingerprint", "max_index_memory_usage", "index_key", "recall_target", "image", "text"} == set(recorded)
+    assert {"input_fingerprint", "max_index_memory_usage", "index_key", "recall_target", "source", "image", "text"} == set(recorded)
     before = Path(run.index, "image.index").read_bytes()
     again = build_indexes(run, IndexSettings(), recall_queries=100)
     assert again.get("skipped") is True and Path(run.index, "image.index").read_bytes() == before
-    np.save(Path(run.embeddings, "img_emb", "img_emb_2.npy"), clustered(10, 64, 2, 3))
+    np.save(Path(run.curated_files("img_emb"), "img_emb_2.npy"), clustered(10, 64, 2, 3))
     grown = build_indexes(run, IndexSettings(), recall_queries=100)
     assert not grown.get("skipped") and grown["image"]["ntotal"] == 3010
     assert (grown["image"]["action"], grown["image"]["added"]) == ("added", 10)
@@ -95,13 +95,13 @@ def test_fewest_probes_is_the_least_nprobe_that_keeps_the_recall_target() -> Non
 def write_partition(layout: RunLayout, number: int, image: np.ndarray, text: np.ndarray) -> None:
     """One embedding partition's npy files, named as clip_embeddings names them."""
     for sub, vectors in (("img_emb", image), ("text_emb", text)):
-        Path(layout.embedding_files(sub)).mkdir(parents=True, exist_ok=True)
-        np.save(Path(layout.embedding_files(sub), f"{sub}_{number:05d}.npy"), vectors)
+        Path(layout.curated_files(sub)).mkdir(parents=True, exist_ok=True)
+        np.save(Path(layout.curated_files(sub), f"{sub}_{number:05d}.npy"), vectors)
 
 
 def remove_partition(layout: RunLayout, number: int) -> None:
     for sub in ("img_emb", "text_emb"):
-        Path(layout.embedding_files(sub), f"{sub}_{number:05d}.npy").unlink()
+        Path(layout.curated_files(sub), f"{sub}_{number:05d}.npy").unlink()
 
 
 def partitions(count: int, size: int, dim: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -140,7 +140,7 @@ def test_a_new_partition_is_added_to_the_index(tmp_path: Path) -> None:
         assert numbers["ntotal"] == 1500 and numbers["trained_on"] == 1000  # grown, not built again
         assert numbers["recall_at_10"] == 1.0 and numbers["index_param"] == numbers["autofaiss_index_param"] == ""
         sub = "img_emb" if name == "image" else "text_emb"
-        assert numbers["files"] == {f.name: f.stat().st_size for f in sorted(Path(layout.embedding_files(sub)).glob("*.npy"))}
+        assert numbers["files"] == {f.name: f.stat().st_size for f in sorted(Path(layout.curated_files(sub)).glob("*.npy"))}
         assert list(numbers["files"]) == [f"{sub}_0000{i}.npy" for i in range(3)]
         # The earlier rows keep their ids; the new rows follow them.
         assert nearest(layout, name, vectors[::50]) == list(range(0, 1500, 50))

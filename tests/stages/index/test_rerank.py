@@ -144,8 +144,8 @@ def test_bad_inputs_are_named(tmp_path: Path) -> None:
 
 def write_partition(layout: RunLayout, number: int, image: np.ndarray, text: np.ndarray) -> None:
     for sub, vectors in (("img_emb", image), ("text_emb", text)):
-        Path(layout.embedding_files(sub)).mkdir(parents=True, exist_ok=True)
-        np.save(Path(layout.embedding_files(sub), f"{sub}_{number:05d}.npy"), vectors.astype("float16"))
+        Path(layout.curated_files(sub)).mkdir(parents=True, exist_ok=True)
+        np.save(Path(layout.curated_files(sub), f"{sub}_{number:05d}.npy"), vectors.astype("float16"))
 
 
 def check_published(layout: RunLayout, numbers: dict, image: np.ndarray) -> None:
@@ -183,8 +183,8 @@ def test_a_compressed_index_is_reranked_and_stays_so_as_it_grows(tmp_path: Path)
     assert (grown["image"]["action"], grown["image"]["ntotal"]) == ("added", 4000)
     check_published(layout, grown["image"], image)
 
-    Path(layout.embedding_files("img_emb"), "img_emb_00001.npy").unlink()
-    Path(layout.embedding_files("text_emb"), "text_emb_00001.npy").unlink()
+    Path(layout.curated_files("img_emb"), "img_emb_00001.npy").unlink()
+    Path(layout.curated_files("text_emb"), "text_emb_00001.npy").unlink()
     readded = build_indexes(layout, settings, recall_queries=500)
     assert (readded["image"]["action"], readded["image"]["ntotal"]) == ("readded", 3000)
     check_published(layout, readded["image"], np.concatenate([image[:1000], image[2000:]]))

@@ -30,11 +30,11 @@ def write_shard(layout: RunLayout, part: str, shard: str, samples: dict[str, byt
 
 
 def embed(layout: RunLayout, fingerprint: str, keys: list[str]) -> None:
-    """The embeddings stage's marker and its metadata file."""
-    metadata = Path(layout.embeddings, "metadata")
+    """The curate stage's marker and its kept samples' metadata file."""
+    metadata = Path(layout.curated_files("metadata"))
     metadata.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"image_path": keys}), metadata / "metadata_00000.parquet")
-    layout.embeddings_marker.mark_done({"input_fingerprint": fingerprint, "clip_model": "m"}, {"count": len(keys)})
+    layout.curation_marker.mark_done({"input_fingerprint": fingerprint, "settings": {}}, {"kept": len(keys)})
 
 
 IMAGES = {"000000000000": b"a" * 700, "000000000001": b"b" * 30, "000010000000": b"c" * 1500}
@@ -68,8 +68,8 @@ def test_every_offset_points_at_its_member(run: RunLayout) -> None:
         **{(key, "txt"): f"caption {key}".encode() for key in IMAGES},
     }
     published = Path(run.index, "metadata", "metadata_00000.parquet").read_bytes()
-    assert published == Path(run.embeddings, "metadata", "metadata_00000.parquet").read_bytes()
-    assert run.search_marker.read()["embeddings_fingerprint"] == "e1"
+    assert published == Path(run.curated_files("metadata"), "metadata_00000.parquet").read_bytes()
+    assert run.search_marker.read()["curation_fingerprint"] == "e1"
 
 
 def test_publishing_again_rewrites_nothing(run: RunLayout) -> None:
@@ -97,9 +97,9 @@ def test_the_table_of_a_shard_no_longer_current_is_removed(run: RunLayout) -> No
     assert list(offsets(run)) == [run.offsets_table("part-00000", "0000000000")]
 
 
-def test_search_files_need_finished_embeddings(run: RunLayout) -> None:
-    run.embeddings_marker.clear()
-    with pytest.raises(FileNotFoundError, match=r"embeddings/_SUCCESS.json does not exist: clip_embeddings has not finished"):
+def test_search_files_need_a_finished_curation(run: RunLayout) -> None:
+    run.curation_marker.clear()
+    with pytest.raises(FileNotFoundError, match=r"curation/_SUCCESS.json does not exist: curate has not finished"):
         publish_search_files(run)
 
 
@@ -117,7 +117,7 @@ def test_tar_members_are_the_files_of_a_tar(tmp_path: Path) -> None:
 
 
 def write_metadata(layout: RunLayout, partition: int, keys: list[str]) -> Path:
-    path = Path(layout.embedding_files("metadata"), f"metadata_{partition:05d}.parquet")
+    path = Path(layout.curated_files("metadata"), f"metadata_{partition:05d}.parquet")
     pq.write_table(pa.table({"image_path": keys}), path)
     return path
 
@@ -131,16 +131,16 @@ def test_only_new_or_changed_metadata_is_copied_and_removed_batches_go(run: RunL
     first = {p.name: p.stat().st_mtime_ns for p in published.iterdir()}
     assert sorted(first) == ["metadata_00000.parquet", "metadata_00001.parquet", "metadata_00002.parquet"]
 
-    Path(run.embedding_files("metadata"), "metadata_00001.parquet").unlink()  # a batch removed
+    Path(run.curated_files("metadata"), "metadata_00001.parquet").unlink()  # a batch removed
     write_metadata(run, 3, ["000015000000", "000015000001"])  # a batch added
-    run.embeddings_marker.mark_done({"input_fingerprint": "e2", "clip_model": "m"}, {"count": 4})
+    run.curation_marker.mark_done({"input_fingerprint": "e2", "settings": {}}, {"kept": 4})
     assert publish_search_files(run)["metadata_files_written"] == 1
-    # index/metadata holds exactly the embeddings' metadata files; the unchanged ones were left alone.
-    assert sorted(p.name for p in published.iterdir()) == sorted(p.name for p in Path(run.embedding_files("metadata")).iterdir())
+    # index/metadata holds exactly the curated metadata files; the unchanged ones were left alone.
+    assert sorted(p.name for p in published.iterdir()) == sorted(p.name for p in Path(run.curated_files("metadata")).iterdir())
     assert {name: (published / name).stat().st_mtime_ns for name in ("metadata_00000.parquet", "metadata_00002.parquet")} == {
         name: first[name] for name in ("metadata_00000.parquet", "metadata_00002.parquet")
     }
-    for source in Path(run.embedding_files("metadata")).iterdir():
+    for source in Path(run.curated_files("metadata")).iterdir():
         assert (published / source.name).read_bytes() == source.read_bytes()
 
 
