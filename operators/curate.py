@@ -31,7 +31,7 @@ class CurateOperator(StageOperator):
             settings = self.stage_settings()
         else:
             recorded = (layout.curation_marker.read() or {}).get("settings") or {}
-            settings = CurationSettings(**recorded)
+            settings = CurationSettings.recorded(recorded)
         numbers = curate(layout, settings)
         self.log.info(
             "Curated %s samples: %s kept, %s below the CLIP score, %s by the classifier, %s near duplicates",

@@ -26,10 +26,10 @@ PAIRS_SHOWN = 8  # removed near-duplicate pairs in report.html: their thumbnails
 THUMBNAIL_PX = 96
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # img2dataset's encode_format choices
 # The curation marker's numbers, as the curate object names them (None until curation ran).
-NUMBERS = ("embedded", "below_clip_score", "classifier", "near_duplicates", "kept", "clip_score_mean")
+NUMBERS = ("embedded", "blocked_after_download", "below_clip_score", "classifier", "near_duplicates", "kept", "clip_score_mean")
 SETTINGS = ("min_clip_score", "near_duplicate_threshold", "max_classifier_score", "classifier_name")
 # The filters in the order curate applies them: (funnel step, curate object's count).
-FILTERS = (("below the CLIP score", "below_clip_score"), ("classifier", "classifier"), ("near-duplicates", "near_duplicates"))
+FILTERS = (("blocked since downloaded", "blocked_after_download"), ("below the CLIP score", "below_clip_score"), ("classifier", "classifier"), ("near-duplicates", "near_duplicates"))
 
 
 def summarize_curation(layout: RunLayout, parts: list[str], unfinished: str | None) -> dict[str, Any]:
@@ -55,9 +55,9 @@ def summarize_curation(layout: RunLayout, parts: list[str], unfinished: str | No
 
 def blocked_step(curate: Mapping[str, Any], unique: int) -> list[dict[str, Any]]:
     """The funnel's ``blocked`` step (blocklists act at download, before it ends), when
-    curation ran or something was blocked."""
+    something was blocked."""
     removed = curate["blocked_url"] + curate["blocked_image"]
-    if curate["kept"] is None and not removed:
+    if not removed:
         return []
     return [{"step": "blocked", "count": unique - removed, "removed": removed}]
 
@@ -74,8 +74,15 @@ def curation_steps(curate: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def filters_of(curate: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The filters of a curation: the classifier only when one was set."""
-    return [(step, count) for step, count in FILTERS if count != "classifier" or curate["classifier_name"] or curate["classifier"]]
+    """The filters of a curation that were set or removed something (a default run shows
+    none: its funnel goes from embedded to kept)."""
+    shown = {
+        "blocked_after_download": bool(curate.get("blocked_after_download")),
+        "below_clip_score": curate["min_clip_score"] is not None or bool(curate["below_clip_score"]),
+        "classifier": bool(curate["classifier_name"] or curate["classifier"]),
+        "near_duplicates": curate["near_duplicate_threshold"] is not None or bool(curate["near_duplicates"]),
+    }
+    return [(step, count) for step, count in FILTERS if shown[count]]
 
 
 def pair_thumbnails(layout: RunLayout, curate: Mapping[str, Any] | None) -> dict[str, str]:

@@ -7,6 +7,7 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 from stages.report import stage_shown
+from stages.report_curate import render_curation
 
 BLUE, GREEN, RED, GREY = "#3b82f6", "#10b981", "#ef4444", "#e5e7eb"
 
@@ -111,6 +112,10 @@ def render_report(
         f'<figcaption>{escape(s["caption"])}<br><a href="{escape(s["url"])}" rel="noopener noreferrer">{escape(s["key"])}</a></figcaption></figure>'
         for s in samples
     )
+    # The pairs' images come from the search API by key (removed samples stay in their tars).
+    curate = report.get("curate")
+    pair_keys = {k for p in (curate or {}).get("near_duplicate_pairs", []) for k in (p["key"], p["duplicate_of"])}
+    curation = render_curation(curate, {k: image_url(k) for k in pair_keys})
     last = report["funnel"][-1]
     # A run that did not finish still has its report (stages/report.py): say so first.
     ended = "" if report.get("complete", True) else (
@@ -139,6 +144,7 @@ def render_report(
 {download["failed_to_resize"]:,} failed to resize; {download["bytes"]:,} bytes of tars.</p>
 <h3>Failure reasons</h3>{errors if download["errors"] else "<p>none</p>"}</section>
 <section><h2>Samples</h2><div id="sample-grid" class="grid">{grid}</div></section>
+<section id="curation">{curation}</section>
 <section><h2>Embeddings and indexes</h2>
 <p>{(embeddings.get("count") or 0):,} vectors of dimension {embeddings.get("dim")} from {escape(str(embeddings.get("clip_model")))}
 on {escape(str(embeddings.get("device")))} ({embeddings.get("samples_per_second")} samples/s).</p>

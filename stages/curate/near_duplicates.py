@@ -121,7 +121,7 @@ def find_groups(
             a, b = int(positions[r]), int(positions[col])
             groups.join(a, b)
             key = (min(a, b), max(a, b))
-            cosines[key] = max(cosines.get(key, -1.0), float(similar[r, col]))
+            cosines[key] = max(cosines.get(key, -1.0), min(1.0, float(similar[r, col])))  # float32 rounding past 1
     log.info("Near duplicates: %d candidates in %d clusters, %d similar pairs", n, k, len(cosines))
     return groups, cosines
 

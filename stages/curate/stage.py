@@ -3,7 +3,10 @@
 For every embedded sample, ``clip_score`` is the cosine of its image and text embeddings
 (from the npy files: no second inference) and, with a ``classifier``, that scorer's score
 of its image embedding. The filters then decide, in this order, and each removal names its
-reason: ``below_clip_score`` (score under ``min_clip_score``), ``classifier`` (score over
+reason: ``blocked_url`` and ``blocked_image`` (its URL, or the sha256 of its image as
+served, is on a hash list now: the lists grew since its part was downloaded; the download
+itself never fetches or writes what is listed then), ``below_clip_score`` (score under
+``min_clip_score``), ``classifier`` (score over
 ``max_classifier_score``), ``near_duplicate`` (one of a group of images whose embeddings
 have a cosine of at least ``near_duplicate_threshold``, or the same bytes; see
 :mod:`stages.curate.near_duplicates`). A group keeps its sample with the highest
@@ -28,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import logging
 import posixpath
 import re
@@ -37,6 +41,7 @@ from typing import Any
 import fsspec
 
 from stages import storage
+from stages.curate.blocklists import BlocklistSettings, image_blocklist, url_blocklist
 from stages.curate.classifier import load_classifier, scores_of
 from stages.curate.near_duplicates import find_groups, hash_prefix
 from stages.embeddings import fingerprint
@@ -45,8 +50,8 @@ from stages.settings import setting
 
 log = logging.getLogger(__name__)
 
-KEPT, BELOW, CLASSIFIER, NEAR = 0, 1, 2, 3  # reason codes, in the order filters apply
-REASONS = {BELOW: "below_clip_score", CLASSIFIER: "classifier", NEAR: "near_duplicate"}
+KEPT, BLOCKED_URL, BLOCKED_IMAGE, BELOW, CLASSIFIER, NEAR = range(6)  # reason codes, in the order filters apply
+REASONS = {BLOCKED_URL: "blocked_url", BLOCKED_IMAGE: "blocked_image", BELOW: "below_clip_score", CLASSIFIER: "classifier", NEAR: "near_duplicate"}
 KINDS = ("img_emb", "text_emb", "metadata")
 HISTOGRAM_BINS = 20
 PAIRS_SHOWN = 8  # removed near-duplicate pairs named in the marker (the report shows them)
@@ -71,6 +76,9 @@ class CurationSettings:
     max_classifier_score: float | None = setting(
         None, type=["null", "number"], description="Remove samples whose classifier score is above this; empty: only record the score."
     )
+    # The download's hash lists, checked again here: a list that grew after a part was
+    # downloaded (Re-LAION's case) takes its samples out of the index, the search and the subset.
+    blocklists: BlocklistSettings = dataclasses.field(default_factory=BlocklistSettings)
 
     def __post_init__(self) -> None:
         for name, low, high in (("min_clip_score", -1.0, 1.0), ("near_duplicate_threshold", 0.0, 1.0), ("max_classifier_score", None, None)):
@@ -92,6 +100,11 @@ class CurationSettings:
         """Fail now, before any work, on a classifier that cannot be loaded."""
         if self.classifier:
             load_classifier(self.classifier)
+
+    @classmethod
+    def recorded(cls, values: dict[str, Any]) -> CurationSettings:
+        """The settings a curation marker recorded (``dataclasses.asdict`` of them)."""
+        return cls(**{**values, "blocklists": BlocklistSettings(**values.get("blocklists", {}))})
 
 
 def partitions_of(layout: RunLayout) -> list[str]:
@@ -129,7 +142,14 @@ def curate(layout: RunLayout, settings: CurationSettings) -> dict[str, Any]:
     partitions = partitions_of(layout)
     inputs_files = [storage.join(layout.embedding_files(k), f"{k}_{p}.{'parquet' if k == 'metadata' else 'npy'}") for p in partitions for k in KINDS]
     embedded = layout.embeddings_marker.recorded()
-    inputs = {"input_fingerprint": fingerprint(inputs_files), "clip_model": embedded.get("clip_model"), "settings": dataclasses.asdict(settings)}
+    # A list's file may change under the same name: the inputs name its contents.
+    urls_blocked, images_blocked = url_blocklist(settings.blocklists), image_blocklist(settings.blocklists)
+    inputs = {
+        "input_fingerprint": fingerprint(inputs_files),
+        "clip_model": embedded.get("clip_model"),
+        "settings": json.loads(json.dumps(dataclasses.asdict(settings))),  # as the marker's JSON gives it back
+        "blocklists": [urls_blocked.fingerprint(), images_blocked.fingerprint()],
+    }
     done = layout.curation_marker.done_with(inputs)
     if done is not None:
         log.info("Skipping curate: %s matches the current embeddings and settings", layout.curation_marker.url)
@@ -149,11 +169,16 @@ def curate(layout: RunLayout, settings: CurationSettings) -> dict[str, Any]:
         score = cosine(image, text)
         tagged = scores_of(scorer, np.ascontiguousarray(image, dtype="float32"), settings.classifier) if scorer else None
         reason = np.zeros(len(score), dtype="int8")
+        sha = meta.column("sha256").to_pylist() if "sha256" in meta.column_names else [None] * meta.num_rows
+        if urls_blocked and "url" in meta.column_names:
+            reason[[urls_blocked.matches_url(u or "") for u in meta.column("url").to_pylist()]] = BLOCKED_URL
+        if images_blocked.sha256:  # the metadata has each image's sha256 as served; an md5 needs the bytes
+            listed = [bool(s) and bytes.fromhex(s) in images_blocked.sha256 for s in sha]
+            reason[(reason == KEPT) & np.array(listed, dtype=bool)] = BLOCKED_IMAGE
         if settings.min_clip_score is not None:
-            reason[score < settings.min_clip_score] = BELOW
+            reason[(reason == KEPT) & (score < settings.min_clip_score)] = BELOW
         if tagged is not None and settings.max_classifier_score is not None:
             reason[(reason == KEPT) & (tagged > settings.max_classifier_score)] = CLASSIFIER
-        sha = meta.column("sha256").to_pylist() if "sha256" in meta.column_names else [None] * meta.num_rows
         keys.append(meta.column("key" if "key" in meta.column_names else "image_path").to_pylist())
         scores.append(score)
         classifier_scores.append(tagged)
@@ -187,6 +212,7 @@ def curate(layout: RunLayout, settings: CurationSettings) -> dict[str, Any]:
     histogram, _ = np.histogram(np.clip(all_scores, -1.0, 1.0), bins=edges)
     numbers = {
         "embedded": int(len(all_scores)),
+        "blocked_after_download": counts["blocked_url"] + counts["blocked_image"],
         "below_clip_score": counts["below_clip_score"],
         "classifier": counts["classifier"],
         "near_duplicates": counts["near_duplicate"],

@@ -64,12 +64,13 @@ def test_the_run_fails_and_no_request_left_the_guard(refused_run: Any) -> None:
 
 
 def test_nothing_to_index_fails_once(refused_run: Any) -> None:
-    """Each part's embeddings task records that its part has no image; build_index, finding
-    none in any part, fails at once."""
+    """Each part's embeddings task records that its part has no image; curate, finding
+    none in any part, fails at once, and build_index does not run."""
     dag_run, _, _ = refused_run
     tries = task_tries("laion_pipeline", dag_run.run_id)
     assert tries["clip_embeddings[0]"] == tries["clip_embeddings[1]"] == ("success", 1), tries
-    assert tries["build_index"] == ("failed", 1), tries
+    assert tries["curate"] == ("failed", 1), tries
+    assert tries["build_index"][0] == "upstream_failed", tries
     assert tries["download_images[0]"] == tries["download_images[1]"] == ("success", 1), tries
     # The report is written, then fails on purpose (once): the run did not finish.
     assert tries["report"] == ("failed", 1), tries
@@ -79,7 +80,7 @@ def test_the_report_counts_every_refused_download(refused_run: Any) -> None:
     _, output, _ = refused_run
     report = json.loads((output / "report" / "report.json").read_text())
     assert report["complete"] is False
-    assert report["reason"] == f"build_index failed: {NOTHING_TO_INDEX}"
+    assert report["reason"] == f"curate failed: {NOTHING_TO_INDEX}"
     download = report["download"]
     assert (download["count"], download["successes"], download["failed_to_download"]) == (ROWS, 0, ROWS)
     assert download["errors"] == {"refused_private_address": ROWS}
@@ -92,7 +93,8 @@ def test_the_report_counts_every_refused_download(refused_run: Any) -> None:
         "dedup": ("success", None),
         "download_images": ("success", None),
         "clip_embeddings": ("success", None),
-        "build_index": ("failed", NOTHING_TO_INDEX),
+        "curate": ("failed", NOTHING_TO_INDEX),
+        "build_index": ("upstream_failed", None),
     }
     assert not list((output / "embeddings").rglob("*.npy")) and not (output / "index").exists()
 
@@ -102,10 +104,10 @@ def test_the_report_pages_say_why_the_run_did_not_finish(refused_run: Any) -> No
 
     _, output, _ = refused_run
     page = (output / "report" / "report.html").read_text()
-    assert f"The run did not finish: build_index failed: {NOTHING_TO_INDEX}" in page
+    assert f"The run did not finish: curate failed: {NOTHING_TO_INDEX}" in page
     report = json.loads((output / "report" / "report.json").read_text())
     plugin_page = render_report(
         report, run_id=report["run"]["run_id"], samples=[], image_url=str, airflow_run_href=None, search_href="search"
     )
-    assert f"The run did not finish: build_index failed: {NOTHING_TO_INDEX}" in plugin_page
+    assert f"The run did not finish: curate failed: {NOTHING_TO_INDEX}" in plugin_page
     assert "<b>0</b> embedded images" in plugin_page

@@ -105,7 +105,7 @@ def test_report_lists_every_stage_with_its_tasks_and_duration(finished: Any) -> 
     output, _, run_id = finished
     report = report_of(output)
     tasks = [(s["name"], s["tasks"]) for s in report["stages"]]
-    assert tasks == [("fetch_metadata", 1), ("dedup", 1), ("download_images", 2), ("clip_embeddings", 2), ("build_index", 1)]
+    assert tasks == [("fetch_metadata", 1), ("dedup", 1), ("download_images", 2), ("clip_embeddings", 2), ("curate", 1), ("build_index", 1)]
     assert next(s for s in report["stages"] if s["name"] == "clip_embeddings")["duration_s"] > 0
     # The stages ran one after another within the run: their spans fit in the run's.
     assert sum(s["duration_s"] for s in report["stages"]) <= run_seconds(run_id), report["stages"]

@@ -127,8 +127,8 @@ def test_the_report_from_the_navigation(page: Any, search_run: dict) -> None:
     frame.click(f'a.run-report[href="report?run={quote(search_run["run_id"], safe="")}"]')
     frame = plugin_frame(page, "/laion/report")
     frame.wait_for_selector("svg#stage-durations")
-    assert frame.locator("svg#stage-durations rect.bar").count() == 5
-    assert frame.locator("svg#funnel rect.bar").count() == 6
+    assert frame.locator("svg#stage-durations rect.bar").count() == 6  # fetch_metadata ... curate, build_index
+    assert frame.locator("svg#funnel rect.bar").count() == 7  # raw rows ... embedded, kept, indexed
     assert frame.locator("svg#shards rect.bar").count() >= 2
     assert images_loaded(frame, "#sample-grid img") == 12
     frame.locator("#sample-grid").screenshot(path=SHOTS / "report-samples.png")

@@ -299,12 +299,14 @@ def test_the_loaded_index_answers_until_the_search_files_name_the_new_one(tmp_pa
     def embed_batch(partition: int, rows: int) -> None:
         for sub in ("img_emb", "text_emb"):
             vectors = rng.normal(size=(rows, 16)).astype("float32")
-            Path(layout.embedding_files(sub)).mkdir(parents=True, exist_ok=True)
-            np.save(Path(layout.embedding_files(sub), f"{sub}_{partition:05d}.npy"), vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
-        Path(layout.embedding_files("metadata")).mkdir(parents=True, exist_ok=True)
+            Path(layout.curated_files(sub)).mkdir(parents=True, exist_ok=True)
+            np.save(Path(layout.curated_files(sub), f"{sub}_{partition:05d}.npy"), vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+        Path(layout.curated_files("metadata")).mkdir(parents=True, exist_ok=True)
         keys = [f"{partition:05d}{i:07d}" for i in range(rows)]
-        pq.write_table(pa.table({"image_path": keys}), Path(layout.embedding_files("metadata"), f"metadata_{partition:05d}.parquet"))
+        pq.write_table(pa.table({"image_path": keys}), Path(layout.curated_files("metadata"), f"metadata_{partition:05d}.parquet"))
+        # As curate leaves them: the kept samples (here all) in curated/, its marker.
         layout.embeddings_marker.mark_done({"input_fingerprint": f"e{partition}", "clip_model": "m"}, {})
+        layout.curation_marker.mark_done({"input_fingerprint": f"e{partition}", "settings": {}}, {"kept": rows})
 
     monkeypatch.setattr(service_module, "latest_index_event_id", lambda: None)  # no Airflow database here
     run = Run("grown", str(tmp_path), "LAION_SEARCH_ROOTS")
@@ -321,11 +323,11 @@ def test_the_loaded_index_answers_until_the_search_files_name_the_new_one(tmp_pa
     assert build_indexes(layout, IndexSettings(index_key="Flat"), recall_queries=50)["image"]["action"] == "added"
     kept = service.loaded(run)  # the new index is published, its search files are not yet
     assert kept is first and kept.index.index.ntotal == 200 and service.reloads == 0
-    assert kept.index.search_vector(np.load(Path(layout.embedding_files("img_emb"), "img_emb_00000.npy"))[7], k=1)[0].key == "000000000007"
+    assert kept.index.search_vector(np.load(Path(layout.curated_files("img_emb"), "img_emb_00000.npy"))[7], k=1)[0].key == "000000000007"
     with pytest.raises(IndexBeingPublished):
         SearchService(recheck_seconds=0).loaded(run)
 
     publish_search_files(layout)
     reloaded = service.loaded(run)
     assert reloaded is not first and reloaded.index.index.ntotal == 300 and service.reloads == 1
-    assert reloaded.index.search_vector(np.load(Path(layout.embedding_files("img_emb"), "img_emb_00001.npy"))[5], k=1)[0].key == "000010000005"
+    assert reloaded.index.search_vector(np.load(Path(layout.curated_files("img_emb"), "img_emb_00001.npy"))[5], k=1)[0].key == "000010000005"

@@ -6,6 +6,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from stages.index.search_files import publish_search_files
@@ -33,12 +35,16 @@ def test_every_offset_points_at_its_member(search_run: dict, tar_samples: dict) 
     assert seen == 3 * search_run["expected"]["successes"]
 
 
-def test_index_metadata_is_the_embeddings_metadata(search_run: dict) -> None:
+def test_index_metadata_is_the_kept_samples_metadata(search_run: dict) -> None:
     root = Path(search_run["output_root"])
     published = sorted(p.name for p in (root / "index" / "metadata").iterdir())
-    assert published == sorted(p.name for p in (root / "embeddings" / "metadata").glob("*.parquet"))
+    assert published == sorted(p.name for p in (root / "curated" / "metadata").glob("*.parquet"))
     for name in published:
-        assert (root / "index" / "metadata" / name).read_bytes() == (root / "embeddings" / "metadata" / name).read_bytes()
+        assert (root / "index" / "metadata" / name).read_bytes() == (root / "curated" / "metadata" / name).read_bytes()
+    # With no filter (the run's defaults) every embedded sample is kept, in the embeddings' order.
+    kept = pa.concat_tables(pq.read_table(p) for p in sorted((root / "index" / "metadata").iterdir()))
+    embedded = pa.concat_tables(pq.read_table(p) for p in sorted((root / "embeddings" / "metadata").glob("*.parquet")))
+    assert kept.column("key").to_pylist() == embedded.column("key").to_pylist()
 
 
 def test_publishing_again_changes_nothing_and_missing_files_are_rebuilt(

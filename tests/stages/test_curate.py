@@ -169,3 +169,23 @@ def test_a_classifier_scores_every_image_embedding_and_its_threshold_removes(dat
 def test_bad_curation_settings_fail_before_any_work_naming_the_param(values: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         check_settings(values)
+
+
+def test_a_list_that_grew_after_the_download_takes_its_samples_out(dataset, tmp_path: Path) -> None:
+    """Re-LAION's case: a hash list applied to a dataset already downloaded. The URL of
+    sample 2 and the image of sample 50 (sha256 as served, from the metadata) are listed."""
+    layout, data = dataset
+    meta = Path(layout.embedding_files("metadata"), "metadata_part-00000_00000.parquet")
+    table = pq.read_table(meta)
+    pq.write_table(table.append_column("url", pa.array([f"http://example.com/{i}.jpg" for i in range(40)])), meta)
+    urls, images = tmp_path / "urls.txt", tmp_path / "images.txt"
+    urls.write_text(hashlib.sha256(b"http://example.com/2.jpg").hexdigest() + "\n")
+    images.write_text(hashlib.sha256(b"50").hexdigest().upper() + "\n")  # the fixture's sha256 of sample 50
+    settings = CurationSettings.recorded({"blocklists": {"blocked_url_hashes": [str(urls)], "blocked_image_hashes": [str(images)]}})
+    numbers = curate(layout, settings)
+    reasons = dict(zip(decisions(layout).column("key").to_pylist(), decisions(layout).column("reason").to_pylist()))
+    assert {k: r for k, r in reasons.items() if r} == {data["keys"][2]: "blocked_url", data["keys"][50]: "blocked_image"}
+    assert (numbers["blocked_after_download"], numbers["kept"]) == (2, 78)
+    # The same list file with one more digest: curated again, though no setting changed.
+    urls.write_text(urls.read_text() + hashlib.md5(b"http://example.com/3.jpg").hexdigest() + "\n")
+    assert curate(layout, settings)["blocked_after_download"] == 3

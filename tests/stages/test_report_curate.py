@@ -58,9 +58,9 @@ def write_shard(layout: RunLayout, part: str, shard: str, stats: dict) -> Path:
 
 def curation_numbers(**changed: object) -> dict:
     return {
-        "embedded": 6, "below_clip_score": 1, "classifier": 0, "near_duplicates": 2, "kept": 3, "clip_score_mean": 0.31,
-        "min_clip_score": 0.3, "near_duplicate_threshold": 0.95, "max_classifier_score": None, "classifier_name": None,
-        "clip_score_histogram": HISTOGRAM, "near_duplicate_pairs": PAIRS, **changed,
+        "embedded": 6, "blocked_after_download": 0, "below_clip_score": 1, "classifier": 0, "near_duplicates": 2, "kept": 3,
+        "clip_score_mean": 0.31, "min_clip_score": 0.3, "near_duplicate_threshold": 0.95, "max_classifier_score": None,
+        "classifier_name": None, "clip_score_histogram": HISTOGRAM, "near_duplicate_pairs": PAIRS, **changed,
     }  # fmt: skip
 
 
@@ -91,9 +91,9 @@ def test_the_report_counts_every_removal_by_reason(run: RunLayout) -> None:
     report = build_report(run, {}, {"run_id": "r1"})
     assert report["curate"] == {
         "state": "success", "blocked_url": 2, "blocked_image": 1,
-        "embedded": 6, "below_clip_score": 1, "classifier": 0, "near_duplicates": 2, "kept": 3, "clip_score_mean": 0.31,
-        "min_clip_score": 0.3, "near_duplicate_threshold": 0.95, "max_classifier_score": None, "classifier_name": None,
-        "clip_score_histogram": HISTOGRAM, "near_duplicate_pairs": PAIRS,
+        "embedded": 6, "blocked_after_download": 0, "below_clip_score": 1, "classifier": 0, "near_duplicates": 2, "kept": 3,
+        "clip_score_mean": 0.31, "min_clip_score": 0.3, "near_duplicate_threshold": 0.95, "max_classifier_score": None,
+        "classifier_name": None, "clip_score_histogram": HISTOGRAM, "near_duplicate_pairs": PAIRS,
     }  # fmt: skip
     assert report["funnel"] == [
         {"step": "raw rows", "count": 12},
@@ -115,6 +115,14 @@ def test_a_classifier_is_a_step_of_the_funnel_when_set(run: RunLayout) -> None:
     run.curation_marker.mark_done({"input_fingerprint": "c2"}, curation_numbers(classifier=1, near_duplicates=1, classifier_name="tests.tiny:score", max_classifier_score=0.5))
     steps = [(f["step"], f["count"], f.get("removed")) for f in build_report(run, {}, {})["funnel"]][6:9]
     assert steps == [("below the CLIP score", 5, 1), ("classifier", 4, 1), ("near-duplicates", 3, 1)]
+
+
+def test_samples_a_list_named_after_their_download_are_a_step_of_the_funnel(run: RunLayout) -> None:
+    run.curation_marker.mark_done({"input_fingerprint": "c3"}, curation_numbers(blocked_after_download=1, near_duplicates=1))
+    report = build_report(run, {}, {})
+    steps = [(f["step"], f["count"], f.get("removed")) for f in report["funnel"]][6:9]
+    assert steps == [("blocked since downloaded", 5, 1), ("below the CLIP score", 4, 1), ("near-duplicates", 3, 1)]
+    assert report["curate"]["blocked_after_download"] == 1
 
 
 def test_curation_that_did_not_run_or_finish_is_reported_so(run: RunLayout) -> None:
