@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from shard_files import snapshot
+from task_states import task_tries
 
 pytestmark = [pytest.mark.heavy, pytest.mark.timeout(1800)]
 
@@ -103,6 +104,7 @@ def curated_runs(airflow_db: str, sample_web: Any, clip_model: str, run: Any, co
         "images": snapshot(output / "images"),
         "subset": subset_keys(output),
         "search": searched(output, table_of(output / "curation" / "decisions")),
+        "page": (output / "report" / "report.html").read_text(),
     }
     # Again with a CLIP-score threshold: the median score of the samples kept so far.
     kept_scores = sorted(r["clip_score"] for r in first["decisions"].to_pylist() if r["reason"] is None)
@@ -188,12 +190,14 @@ def test_a_rerun_with_a_clip_score_threshold_changes_only_the_curation(curated_r
 def test_both_report_pages_show_the_histogram_and_the_removed_pairs(curated_runs: Any) -> None:
     from laion_search.report_page import render_report
 
-    output, _, _, second, threshold, _ = curated_runs
-    report = second["report"]
+    output, _, first, second, threshold, _ = curated_runs
+    # The histogram marks the threshold once there is one (the second run).
+    second_page = (output / "report" / "report.html").read_text()
+    assert 'id="clip-score-histogram"' in second_page and f"min_clip_score {threshold:g}" in second_page
+    # The first run's pairs (in the second, a pair's sample may fall below the threshold first).
+    report, page = first["report"], first["page"]
     pairs = report["curate"]["near_duplicate_pairs"]
     assert pairs and report["curate"]["clip_score_histogram"]["counts"]
-    page = (output / "report" / "report.html").read_text()
-    assert 'id="clip-score-histogram"' in page and f"min_clip_score {threshold:g}" in page
     assert page.count('<figure class="pair">') == len(pairs) and page.count('src="data:image/jpeg;base64,') >= 2 * len(pairs)
     plugin_page = render_report(
         report, run_id=report["run"]["run_id"], samples=[], image_url=lambda key: f"image?key={key}", airflow_run_href=None, search_href="search"
@@ -201,3 +205,35 @@ def test_both_report_pages_show_the_histogram_and_the_removed_pairs(curated_runs
     assert 'id="clip-score-histogram"' in plugin_page
     for pair in pairs:
         assert f'src="image?key={pair["key"]}"' in plugin_page and f'src="image?key={pair["duplicate_of"]}"' in plugin_page
+
+
+def test_a_bad_blocklist_fails_the_run_in_its_first_task_naming_the_param_file_and_line(
+    airflow_db: str, sample_web: Any, clip_model: str, conf_for: Any, tmp_path: Path
+) -> None:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from run_dag import run_pipeline  # scripts/, put on sys.path by this folder's conftest
+    from sqlalchemy import select
+
+    web, _, server = sample_web
+    good = tmp_path / "good.txt"
+    good.write_text(hashlib.sha256(b"x").hexdigest() + "\n")
+    bad = tmp_path / "bad.txt"
+    secret = hashlib.sha256(b"listed").hexdigest()
+    bad.write_text(f"{secret}\n{secret[:-1]}\n")  # line 2: 63 hex digits
+    output = tmp_path / "output"
+    requests_before = len(server.logged_requests())
+    conf = {**conf_for(web, output, clip_model), "blocked_url_hashes": [str(good)], "blocked_image_hashes": [str(bad)]}
+    dag_run = run_pipeline(conf)
+
+    assert str(dag_run.state).endswith("failed")
+    tries = task_tries("laion_pipeline", dag_run.run_id)
+    assert tries["fetch_metadata"] == ("failed", 1), tries  # not retried: the same list fails the same way
+    assert tries["dedup"][0] == "upstream_failed", tries
+    with create_session() as session:
+        failure = session.scalars(
+            select(XComModel).where(XComModel.run_id == dag_run.run_id, XComModel.task_id == "fetch_metadata", XComModel.key == "failure")
+        ).one()
+    reason = XComModel.deserialize_value(failure)["reason"]
+    assert f"blocked_image_hashes: {bad} line 2: 63 hex digits" in reason and secret[:16] not in reason
+    assert not output.exists() and len(server.logged_requests()) == requests_before  # no work at all

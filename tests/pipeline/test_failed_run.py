@@ -16,24 +16,12 @@ import pytest
 from run_dag import run_pipeline  # scripts/, put on sys.path by this folder's conftest
 
 from sampleweb.hostile import HostileServer
+from task_states import task_tries
 
 pytestmark = pytest.mark.heavy
 
 ROWS = 48
 NOTHING_TO_INDEX = f"nothing to index: 0 of {ROWS} downloaded: refused_private_address {ROWS}"
-
-
-def task_tries(dag_id: str, run_id: str) -> dict[str, tuple[str, int]]:
-    """``{task (with [map index]): (state, try number)}`` of one run, from Airflow's database."""
-    from airflow.models.taskinstance import TaskInstance
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        tis = session.scalars(select(TaskInstance).where(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id)).all()
-        return {
-            ti.task_id + (f"[{ti.map_index}]" if ti.map_index >= 0 else ""): (str(ti.state), ti.try_number) for ti in tis
-        }
 
 
 @pytest.fixture(scope="module")
