@@ -26,7 +26,7 @@ from cluster.loopback import LoopbackCluster
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
 
 DAG = "laion_pipeline"
-GPU_TASKS = {"clip_embeddings", "build_index"}
+GPU_TASKS = {"clip_embeddings", "curate", "build_index"}
 RUN_TIMEOUT_S = 900
 
 

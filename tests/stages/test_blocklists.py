@@ -71,6 +71,9 @@ def download(layout: RunLayout, **blocklists: list[str]) -> dict:
         processes_count=1, thread_count=4, number_sample_per_shard=100, timeout=5, image_size=64,
         fetch_policy=FetchPolicy(allowed_networks=("127.0.0.0/8",), max_retry_after_seconds=0),
         blocklists=BlocklistSettings(**blocklists),
+        # Spawned workers (the list reaches them pickled): a fork of this long-lived test
+        # process, which holds threads of earlier tests, hung once in the full suite.
+        start_method="spawn",
     )  # fmt: skip
     return download_part(layout.part(PART), layout.part_images(PART), settings, dedup_version="v1")
 
