@@ -224,7 +224,7 @@ class EmbeddingsProgress:
         self.part = part
 
     def __call__(self) -> tuple[int, int] | None:
-        from stages.embeddings import PLANS, finished_partitions
+        from stages.embedding_plans import PLANS, finished_partitions
 
         plan = Path(self.folder, PLANS, f"{self.part}.json")
         if not plan.exists():

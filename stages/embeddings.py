@@ -10,11 +10,8 @@ the folder, once every current part is (:func:`gather_embeddings`, run by build_
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
-import math
 import multiprocessing
 import os
 import posixpath
@@ -27,19 +24,18 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from stages import storage
+from stages.embedding_plans import (
+    DONE, OUTPUTS, PLANS, extend_plan, fingerprint, finished_partitions, legacy_plan, partition_file, remove_partitions,
+)  # fmt: skip
 from stages.errors import NothingToDo
+from stages.npy import count_rows
 from stages.layout import RunLayout, shard_location
 from stages.processes import spawn_without_main
 from stages.settings import setting
 
 log = logging.getLogger(__name__)
 
-PLANS = "_plans"  # one plan per part (_plans/<part>.json): the partitions of its tars
-LEGACY_PLAN = "_plan.json"  # the one plan of folders embedded before parts had their own
-DONE = "_done"  # one empty file per finished partition, written after its outputs
 PARTIAL = "_partial"  # where a partition is written before it is moved into place
-OUTPUTS = ("img_emb", "text_emb", "metadata", "stats")
-PARTITION_DIGITS = 5
 
 
 @dataclass(frozen=True)
@@ -62,30 +58,6 @@ class EmbeddingSettings:
     def __post_init__(self) -> None:
         if self.decode_on not in (None, "device", "reader"):
             raise ValueError(f"embeddings decode_on {self.decode_on!r} is not one of device, reader (or None)")
-
-
-def fingerprint(urls: list[str]) -> str:
-    """sha256 over (name, size) of every input file: changes when any input changes."""
-    h = hashlib.sha256()
-    for url in sorted(urls):
-        fs, path = url_to_fs(url)
-        h.update(f"{url}\0{fs.size(path)}\n".encode())
-    return h.hexdigest()
-
-
-def plan_partitions(shards: int, prepro_workers: int, samples: int, samples_per_partition: int) -> tuple[int, int]:
-    """(output partitions, preprocessing workers) for ``shards`` tars holding ``samples``.
-
-    A partition is clip-retrieval's unit of output (one npy/parquet triple) and of resume;
-    each costs a few seconds of DataLoader start-up, so partitions hold about
-    ``samples_per_partition`` samples. webdataset splits a partition's tars between the
-    DataLoader workers and fails on a worker left without one, so every partition also
-    gets at least as many tars as workers.
-    """
-    workers = max(1, min(prepro_workers, shards))
-    by_workers = max(1, shards // workers)
-    by_samples = max(1, math.ceil(samples / samples_per_partition))
-    return min(by_workers, by_samples), workers
 
 
 def _open_with_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> Any:
@@ -269,112 +241,6 @@ def gather_embeddings(layout: RunLayout, tars_by_part: dict[str, list[str]], *, 
     return layout.embeddings_marker.mark_done(inputs, numbers)
 
 
-def extend_plan(
-    previous: dict[str, Any] | None,
-    part: str,
-    tars: list[str],
-    clip_model: str,
-    *,
-    samples: int,
-    samples_per_partition: int,
-    workers: int,
-) -> tuple[dict[str, Any], bool]:
-    """(the embedding plan of one part for ``tars``, whether ``previous`` was kept).
-
-    The plan is ``previous`` plus partitions for the tars it lacks. ``previous`` is kept
-    only when it was made for ``clip_model`` and every tar it planned is still there,
-    unchanged; otherwise the plan starts over. A partition is named ``<part>_<k>``, ``k``
-    counting up within the part, so names never repeat while the plan is kept.
-    """
-    planned = (previous or {}).get("partitions")
-    current = set(tars)
-    keep = (
-        isinstance(planned, list)
-        and previous.get("clip_model") == clip_model
-        and all(set(p["tars"]) <= current and p["fingerprint"] == fingerprint(p["tars"]) for p in planned)
-    )
-    partitions = list(planned) if keep else []
-    next_k = previous.get("next", len(partitions)) if keep else 0
-    seen = {t for p in partitions for t in p["tars"]}
-    new = [t for t in tars if t not in seen]
-    if new:
-        count, _ = plan_partitions(len(new), workers, max(1, samples * len(new) // max(1, len(tars))), samples_per_partition)
-        for i in range(count):
-            group = new[i * len(new) // count : (i + 1) * len(new) // count]
-            partitions.append({"name": f"{part}_{next_k:0{PARTITION_DIGITS}d}", "tars": group, "fingerprint": fingerprint(group)})
-            next_k += 1
-    return {"part": part, "clip_model": clip_model, "partitions": partitions, "next": next_k}, keep
-
-
-def legacy_plan(output_folder: str, part: str, tars: list[str], clip_model: str | None) -> dict[str, Any] | None:
-    """A part's plan taken from a folder embedded before parts had their own plans (one
-    ``_plan.json`` numbering every partition): its finished partitions of this part keep
-    their files (``img_emb_00003.npy``) and are not computed again."""
-    old = storage.read_json_or_none(storage.join(output_folder, LEGACY_PLAN))
-    if not old or (clip_model is not None and old.get("clip_model") != clip_model):
-        return None
-    fs, path = url_to_fs(output_folder)
-    finished = finished_partitions(output_folder)
-    adopted = []
-    for i, p in enumerate(old.get("partitions", [])):
-        if p["tars"] and (p.get("part") or shard_location(p["tars"][0])[0]) == part and str(i) in finished:
-            name = f"{i:0{PARTITION_DIGITS}d}"
-            if not fs.exists(posixpath.join(path, DONE, name)):
-                storage.write_text(storage.join(output_folder, DONE, name), "")
-            adopted.append({"name": name, "tars": p["tars"], "fingerprint": p["fingerprint"]})
-    if not adopted or not all(set(p["tars"]) <= set(tars) for p in adopted):
-        return None
-    return {"part": part, "clip_model": clip_model, "partitions": adopted, "next": 0}
-
-
-def remove_partitions(output_folder: str, names: list[str]) -> None:
-    """Remove the files of the partitions ``names`` and their done files."""
-    fs, path = url_to_fs(output_folder)
-    for name in names:
-        for sub in OUTPUTS:
-            for produced in fs.glob(posixpath.join(path, sub, f"{sub}_{name}.*")):
-                fs.rm(produced)
-        if fs.exists(posixpath.join(path, DONE, name)):
-            fs.rm(posixpath.join(path, DONE, name))
-
-
-def drop_parts(layout: RunLayout, parts: set[str]) -> dict[str, Any]:
-    """Take the embeddings of ``parts`` out of ``layout.embeddings`` (a removed batch):
-    their partitions' files, plans and markers go. The folder's marker is removed too:
-    build_index records the folder again (:func:`gather_embeddings`)."""
-    output_folder = layout.embeddings
-    removed = 0
-    for part in sorted(parts):
-        plan_url = storage.join(output_folder, PLANS, f"{part}.json")
-        plan = storage.read_json_or_none(plan_url) or legacy_plan(output_folder, part, layout.current_shards([part]), None) or {}
-        names = [p["name"] for p in plan.get("partitions", [])]
-        remove_partitions(output_folder, names)
-        removed += len(names)
-        layout.part_embeddings_marker(part).clear()
-        if storage.exists(plan_url):
-            storage.remove(plan_url)
-    layout.embeddings_marker.clear()
-    return {"partitions_removed": removed}
-
-
-def finished_partitions(output_folder: str) -> set[str]:
-    """The names of the partitions whose files are in place (``_done/<name>``)."""
-    fs, path = url_to_fs(output_folder)
-    return {posixpath.basename(p) for p in fs.glob(posixpath.join(path, DONE, "*"))}
-
-
-def partition_file(sub: str, partition: str, produced: str) -> str:
-    """``img_emb_0.npy`` from clip-retrieval -> ``img_emb_part-00003_00001.npy`` for
-    partition ``part-00003_00001``.
-
-    Zero-padded part and partition numbers, so name order (the order autofaiss and the
-    search service read the files in) is part order, then partition order, however many
-    parts and partitions are added later.
-    """
-    suffix = posixpath.splitext(produced)[1]
-    return f"{sub}_{partition}{suffix}"
-
-
 def embed_partition(
     partition: str,
     tars: list[str],
@@ -477,75 +343,6 @@ def stats_in_process() -> Iterator[None]:
         yield
     finally:
         worker_module.LoggerWriter = original
-
-
-@dataclass(frozen=True)
-class NpyFile:
-    """Where the rows of one 2-D, C-ordered ``.npy`` start, and their shape and type."""
-
-    path: str  # as its filesystem names it (no protocol)
-    data_offset: int
-    rows: int
-    dim: int
-    dtype: Any
-
-
-def read_npy_header(f: Any, name: str) -> NpyFile:
-    """The header of the ``.npy`` open in ``f``, read with numpy's public format API only."""
-    from numpy.lib import format as npy
-
-    version = npy.read_magic(f)
-    if version == (1, 0):
-        shape, fortran_order, dtype = npy.read_array_header_1_0(f)
-    elif version in ((2, 0), (3, 0)):  # 3.0 differs from 2.0 only in how field names are encoded
-        shape, fortran_order, dtype = npy.read_array_header_2_0(f)
-    else:
-        raise ValueError(f"{name} is .npy format version {version[0]}.{version[1]}; readable: 1.0, 2.0, 3.0")
-    # Rows are read by byte range: they must be rows of a 2-D array, one after the other.
-    if len(shape) != 2 or fortran_order:
-        raise ValueError(f"{name} holds a {'Fortran-ordered ' if fortran_order else ''}array of shape {shape}, not rows of embeddings")
-    return NpyFile(name, f.tell(), shape[0], shape[1], dtype)
-
-
-def npy_headers(folder: str) -> list[NpyFile]:
-    """The header of every .npy in ``folder``, in the order autofaiss reads them (by name)."""
-    fs, path = url_to_fs(folder)
-    found = []
-    for npy in sorted(fs.glob(posixpath.join(path, "*.npy"))):
-        with fs.open(npy, "rb") as f:
-            found.append(read_npy_header(f, npy))
-    return found
-
-
-def count_rows(folder: str, sub: str, partitions: list[str]) -> tuple[int, int]:
-    """(rows, dim) over the .npy files of ``partitions`` in ``folder``, reading only their headers."""
-    fs, path = url_to_fs(folder)
-    rows, dim = 0, 0
-    for name in partitions:
-        npy = posixpath.join(path, f"{sub}_{name}.npy")
-        if fs.exists(npy):  # a partition whose shards held no image writes no npy
-            with fs.open(npy, "rb") as f:
-                header = read_npy_header(f, npy)
-            rows, dim = rows + header.rows, header.dim
-    return rows, dim
-
-
-def count_embeddings(folder: str) -> tuple[int, int]:
-    """(rows, dim) over every .npy in ``folder``, reading only the npy headers."""
-    headers = npy_headers(folder)
-    return sum(h.rows for h in headers), (headers[-1].dim if headers else 0)
-
-
-def load_embeddings(folder: str) -> "Any":
-    """Every .npy in ``folder`` concatenated in name order (the order autofaiss indexes them)."""
-    import numpy as np
-
-    fs, path = url_to_fs(folder)
-    arrays = []
-    for npy in sorted(fs.glob(posixpath.join(path, "*.npy"))):
-        with fs.open(npy, "rb") as f:
-            arrays.append(np.load(io.BytesIO(f.read())))
-    return np.concatenate(arrays) if arrays else np.zeros((0, 0), dtype="float32")
 
 
 def preload_clip(clip_model: str, clip_batch_size: int) -> None:

@@ -17,7 +17,7 @@ from fsspec.core import url_to_fs
 
 from stages import storage
 from stages.dedup.batches import key_folder, without_batch
-from stages.embeddings import drop_parts
+from stages.embedding_plans import drop_parts
 from stages.layout import RunLayout
 
 log = logging.getLogger(__name__)

@@ -34,6 +34,8 @@ from stages.errors import InputError, StageNotFinished
 from stages.layout import SHARD_STATS_SUFFIX, Marker, RunLayout, shard_location
 from stages.settings import setting
 
+BLOCKED_REASONS = ("blocked_url", "blocked_image")  # the decisions' reasons of samples a hash list names
+
 log = logging.getLogger(__name__)
 
 CURATION = "curation"
@@ -86,7 +88,8 @@ def export_subset(layout: RunLayout, settings: ExportSettings) -> dict[str, Any]
         shards = kept_by_shard(layout, sources, selection)
     else:
         selection = Selection(ALLOWLIST, settings.subset_keys, selected=len(allowlist))
-        shards = by_shard(allowlist, sources)
+        # A listed sample that a hash list names (one that grew after its download) is never exported.
+        shards = by_shard(allowlist - blocked_keys(layout), sources)
 
     invalidate = once(layout.subset_marker.clear)
     results = list(run_bounded(lambda job: export_shard(layout, *job, invalidate), shards, settings.export_workers))
@@ -161,6 +164,27 @@ def kept_by_shard(layout: RunLayout, sources: list[str], selection: Selection) -
                     kept.update(pc.filter(batch.column("key"), pc.is_null(batch.column("reason"))).to_pylist())
         selection.selected += len(kept)
         yield from by_shard(kept, tars_by_part.get(part, []))
+
+
+def blocked_keys(layout: RunLayout) -> set[str]:
+    """The samples the curation took out because a hash list names them (none before curation ran)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    blocked: set[str] = set()
+    for url in storage.list_files(storage.join(layout.curation, "decisions"), "decisions_*.parquet"):
+        fs, path = url_to_fs(url)
+        with fs.open(path, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(columns=["key", "reason"]):
+                listed = pc.is_in(batch.column("reason"), value_set=pa_strings(BLOCKED_REASONS))
+                blocked.update(pc.filter(batch.column("key"), listed).to_pylist())
+    return blocked
+
+
+def pa_strings(values: Iterable[str]) -> Any:
+    import pyarrow as pa
+
+    return pa.array(list(values), pa.string())
 
 
 def by_shard(keys: Iterable[str], tars: list[str]) -> Iterator[tuple[str, frozenset[str]]]:

@@ -45,6 +45,17 @@ class Groups:
             parent[i], i = root, parent[i]
         return int(root)
 
+    def roots(self) -> Any:
+        """Each position's group root (the group's least position), by pointer jumping."""
+        import numpy as np
+
+        parent = self.parent.copy()
+        while True:
+            jumped = parent[parent]
+            if np.array_equal(jumped, parent):
+                return parent
+            parent = jumped
+
     def join(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
@@ -89,11 +100,11 @@ def find_groups(
     # Byte-identical images: one group, wherever their embeddings fall.
     order = np.argsort(hashes, kind="stable")
     sorted_hashes = hashes[order]
-    for i in range(1, n):
-        if sorted_hashes[i] >= 0 and sorted_hashes[i] == sorted_hashes[i - 1]:
-            a, b = int(order[i - 1]), int(order[i])
-            groups.join(a, b)
-            cosines[(min(a, b), max(a, b))] = 1.0
+    same = np.flatnonzero((sorted_hashes[1:] == sorted_hashes[:-1]) & (sorted_hashes[1:] >= 0))
+    for i in same.tolist():  # one step per duplicate, not per sample
+        a, b = int(order[i]), int(order[i + 1])
+        groups.join(a, b)
+        cosines[(min(a, b), max(a, b))] = 1.0
     if n < 2:
         return groups, cosines
 

@@ -6,11 +6,12 @@ of its image embedding. The filters then decide, in this order, and each removal
 reason: ``blocked_url`` and ``blocked_image`` (its URL, or the sha256 of its image as
 served, is on a hash list now: the lists grew since its part was downloaded; the download
 itself never fetches or writes what is listed then), ``below_clip_score`` (score under
-``min_clip_score``), ``classifier`` (score over
-``max_classifier_score``), ``near_duplicate`` (one of a group of images whose embeddings
-have a cosine of at least ``near_duplicate_threshold``, or the same bytes; see
+``min_clip_score``), ``classifier`` (score over ``max_classifier_score``),
+``near_duplicate`` (one of a group of images whose embeddings have a cosine of at least
+``near_duplicate_threshold``, or the same bytes; see
 :mod:`stages.curate.near_duplicates`). A group keeps its sample with the highest
-clip_score (ties: the smallest key); only samples that pass the score filters are grouped.
+clip_score (ties: the first in the embeddings' order); only samples that pass the score
+filters are grouped.
 
 Outputs, per embedding partition:
 
@@ -44,7 +45,7 @@ from stages import storage
 from stages.curate.blocklists import BlocklistSettings, image_blocklist, url_blocklist
 from stages.curate.classifier import load_classifier, scores_of
 from stages.curate.near_duplicates import find_groups, hash_prefix
-from stages.embeddings import fingerprint
+from stages.embedding_plans import fingerprint
 from stages.layout import RunLayout
 from stages.settings import setting
 
@@ -127,6 +128,15 @@ def read_parquet(url: str) -> Any:
         return pq.read_table(f)
 
 
+def read_parquet_columns(url: str, columns: tuple[str, ...] = ("key", "image_path")) -> Any:
+    """Only ``columns`` of a parquet file (those it has)."""
+    import pyarrow.parquet as pq
+
+    with fsspec.open(url, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        return parquet.read(columns=[c for c in columns if c in parquet.schema_arrow.names])
+
+
 def cosine(a: Any, b: Any) -> Any:
     import numpy as np
 
@@ -159,7 +169,9 @@ def curate(layout: RunLayout, settings: CurationSettings) -> dict[str, Any]:
     scorer = load_classifier(settings.classifier) if settings.classifier else None
 
     # Pass 1, one partition at a time: scores and the score filters.
-    keys, scores, classifier_scores, reasons, hashes, sizes = [], [], [], [], [], []
+    # What is held for the whole dataset: a few numbers per sample (score, reason, hash
+    # prefix), never its key or its vectors (each partition's are read when needed).
+    scores, classifier_scores, reasons, hashes, sizes = [], [], [], [], []
     for partition in partitions:
         meta = read_parquet(storage.join(layout.embedding_files("metadata"), f"metadata_{partition}.parquet"))
         image = read_npy(storage.join(layout.embedding_files("img_emb"), f"img_emb_{partition}.npy"))
@@ -179,7 +191,6 @@ def curate(layout: RunLayout, settings: CurationSettings) -> dict[str, Any]:
             reason[(reason == KEPT) & (score < settings.min_clip_score)] = BELOW
         if tagged is not None and settings.max_classifier_score is not None:
             reason[(reason == KEPT) & (tagged > settings.max_classifier_score)] = CLASSIFIER
-        keys.append(meta.column("key" if "key" in meta.column_names else "image_path").to_pylist())
         scores.append(score)
         classifier_scores.append(tagged)
         reasons.append(reason)
@@ -194,17 +205,20 @@ def curate(layout: RunLayout, settings: CurationSettings) -> dict[str, Any]:
     pairs: list[dict[str, Any]] = []
     if settings.near_duplicate_threshold is not None:
         pairs = remove_near_duplicates(
-            layout, partitions, keys, starts, all_scores, all_reasons, np.concatenate(hashes),
+            layout, partitions, all_scores, all_reasons, np.concatenate(hashes),
             settings.near_duplicate_threshold, duplicate_of, duplicate_cosine,
         )  # fmt: skip
 
     # Pass 3: each partition's decisions and kept rows, rewritten only when they changed.
+    keeper_keys = keys_at(layout, partitions, starts, np.unique(duplicate_of[duplicate_of >= 0]))
+    shown = keys_at(layout, partitions, starts, [p["key"] for p in pairs])  # rows, named now
+    pairs = [{**p, "key": shown[p["key"]], "duplicate_of": keeper_keys[p["duplicate_of"]]} for p in pairs]
     rewritten = 0
     for i, partition in enumerate(partitions):
         window = slice(starts[i], starts[i + 1])
         rewritten += write_partition(
-            layout, partition, keys[i], scores[i], classifier_scores[i], all_reasons[window],
-            duplicate_of[window], duplicate_cosine[window], keys, starts, embedded.get("clip_model"),
+            layout, partition, scores[i], classifier_scores[i], all_reasons[window],
+            duplicate_of[window], duplicate_cosine[window], keeper_keys, embedded.get("clip_model"),
         )  # fmt: skip
     removed = remove_stale(layout, partitions)
     counts = {name: int((all_reasons == code).sum()) for code, name in REASONS.items()}
@@ -238,8 +252,6 @@ def curate(layout: RunLayout, settings: CurationSettings) -> dict[str, Any]:
 def remove_near_duplicates(
     layout: RunLayout,
     partitions: list[str],
-    keys: list[list[str]],
-    starts: Any,
     scores: Any,
     reasons: Any,
     hashes: Any,
@@ -248,7 +260,9 @@ def remove_near_duplicates(
     duplicate_cosine: Any,
 ) -> list[dict[str, Any]]:
     """Mark all but one sample of each near-duplicate group ``NEAR`` (in ``reasons``), with
-    the row it duplicates and their cosine; the removed pairs, most similar first."""
+    the row it duplicates and their cosine. The group keeps its highest clip_score (ties:
+    the first in the embeddings' order). Returns the ``PAIRS_SHOWN`` most similar removed
+    pairs as rows (``key``, ``duplicate_of``: row numbers, named by the caller)."""
     import numpy as np
 
     from stages.index.rerank import StoredVectors
@@ -268,71 +282,77 @@ def remove_near_duplicates(
         return stored.take(candidates[positions])
 
     groups, cosines = find_groups(len(candidates), stored.dim, blocks, take, hashes[candidates], threshold)
-    def key_of(row: int) -> str:
-        p = int(np.searchsorted(starts, row, side="right")) - 1
-        return keys[p][row - int(starts[p])]
-
-    roots = [groups.find(i) for i in range(len(candidates))]
-    # The group's keeper: the highest clip_score, then the smallest key.
-    best: dict[int, int] = {}
-    for i, root in enumerate(roots):
-        row, current = int(candidates[i]), best.get(root)
-        if current is None or (scores[row], -_rank(key_of(row))) > (scores[current], -_rank(key_of(current))):
-            best[root] = row
-    pair_cosine: dict[int, float] = {}
+    n = len(candidates)
+    roots = groups.roots()
+    # Sorted by group, best score first, then embedding order: each group's first is its keeper.
+    order = np.lexsort((np.arange(n), -scores[candidates], roots))
+    firsts = order[np.r_[True, roots[order][1:] != roots[order][:-1]]] if n else order
+    keeper_at_root = np.full(n, -1, dtype="int64")
+    keeper_at_root[roots[firsts]] = firsts
+    keeper = keeper_at_root[roots]
+    removed = np.flatnonzero(keeper != np.arange(n))
+    best_pair: dict[int, float] = {}  # a removed sample's highest cosine in any pair, when not joined to its keeper directly
     for (a, b), value in cosines.items():
         for x in (a, b):
-            pair_cosine[x] = max(pair_cosine.get(x, -1.0), value)
+            best_pair[x] = max(best_pair.get(x, -1.0), value)
     pairs = []
-    for i, root in enumerate(roots):
-        row, keeper = int(candidates[i]), best[root]
-        if row == keeper:
-            continue
+    for i in removed.tolist():
+        k = int(keeper[i])
+        row, keeper_row = int(candidates[i]), int(candidates[k])
         reasons[row] = NEAR
-        duplicate_of[row] = keeper
-        ki = int(np.searchsorted(candidates, keeper))
-        direct = cosines.get((min(i, ki), max(i, ki)))
-        duplicate_cosine[row] = direct if direct is not None else pair_cosine.get(i, np.nan)
-        pairs.append({"key": key_of(row), "duplicate_of": key_of(keeper), "cosine": round(float(duplicate_cosine[row]), 4)})
-    pairs.sort(key=lambda p: (-p["cosine"], p["key"]))
-    return pairs
+        duplicate_of[row] = keeper_row
+        duplicate_cosine[row] = cosines.get((min(i, k), max(i, k)), best_pair.get(i, np.nan))
+        pairs.append((-float(duplicate_cosine[row]), row, keeper_row))
+    pairs.sort()
+    return [{"key": row, "duplicate_of": keeper_row, "cosine": round(-negative, 4)} for negative, row, keeper_row in pairs[:PAIRS_SHOWN]]
 
 
-def _rank(key: str) -> int:
-    """Keys are digit strings of one length: their order as numbers is their order as text."""
-    return int(key) if key.isdigit() else int.from_bytes(key.encode()[:8], "big")
+def keys_at(layout: RunLayout, partitions: list[str], starts: Any, rows: Any) -> dict[int, str]:
+    """Row number -> sample key, for ``rows``: only the key columns of their partitions are read."""
+    import numpy as np
+
+    rows = np.asarray(rows, dtype="int64")
+    found: dict[int, str] = {}
+    for p in np.unique(np.searchsorted(starts, rows, side="right") - 1).tolist():
+        wanted = rows[(rows >= starts[p]) & (rows < starts[p + 1])]
+        column = key_column(read_parquet_columns(storage.join(layout.embedding_files("metadata"), f"metadata_{partitions[p]}.parquet")))
+        keys = column.to_pylist()
+        found.update((int(r), keys[int(r - starts[p])]) for r in wanted)
+    return found
+
+
+def key_column(meta: Any) -> Any:
+    """A metadata table's sample keys (img2dataset's ``key``; ``image_path`` holds the same)."""
+    return meta.column("key" if "key" in meta.column_names else "image_path")
 
 
 def write_partition(
     layout: RunLayout,
     partition: str,
-    keys: list[str],
     score: Any,
     tagged: Any,
     reason: Any,
     duplicate_of: Any,
     duplicate_cosine: Any,
-    all_keys: list[list[str]],
-    starts: Any,
+    keeper_keys: dict[int, str],
     clip_model: str | None,
 ) -> int:
-    """Write one partition's decisions and kept rows unless those on storage say the same; 1 if written."""
+    """Write one partition's decisions and kept rows unless those on storage say the same; 1 if written.
+
+    ``duplicate_of`` holds row numbers of the whole dataset; ``keeper_keys`` names them."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    def key_at(row: int) -> str:
-        p = int(np.searchsorted(starts, row, side="right")) - 1
-        return all_keys[p][row - int(starts[p])]
-
     meta_url = storage.join(layout.embedding_files("metadata"), f"metadata_{partition}.parquet")
     meta = read_parquet(meta_url)
+    keys = key_column(meta).to_pylist()
     decisions = pa.table({
         "key": pa.array(keys, pa.string()),
         "clip_score": pa.array(score, pa.float32()),
         "classifier_score": pa.array(tagged if tagged is not None else [None] * len(keys), pa.float32()),
         "sha256": meta.column("sha256") if "sha256" in meta.column_names else pa.nulls(len(keys), pa.string()),
-        "near_duplicate_of": pa.array([key_at(int(r)) if r >= 0 else None for r in duplicate_of], pa.string()),
+        "near_duplicate_of": pa.array([keeper_keys[int(r)] if r >= 0 else None for r in duplicate_of], pa.string()),
         "near_duplicate_cosine": pa.array([None if np.isnan(c) else float(c) for c in duplicate_cosine], pa.float32()),
         "reason": pa.array([REASONS.get(int(r)) for r in reason], pa.string()),
     })  # fmt: skip

@@ -15,7 +15,8 @@ from typing import Any
 from fsspec.core import url_to_fs
 
 from stages import storage
-from stages.embeddings import count_embeddings, fingerprint
+from stages.embedding_plans import fingerprint
+from stages.npy import count_embeddings
 from stages.errors import NothingToDo
 from stages.index.rerank import StoredVectors, fewest_candidates, leave_out, recall_of, sample_positions, streamed_neighbours
 from stages.layout import RunLayout

@@ -18,7 +18,7 @@ from typing import Any
 from fsspec.core import url_to_fs
 
 from stages import storage
-from stages.embeddings import NpyFile, npy_headers
+from stages.npy import NpyFile, npy_headers
 
 BLOCK_BYTES = 32 * 2**20  # float32 rows scanned at a time by the exact search
 # The most candidates a query may fetch for re-ranking, per 10 results: reading more rows

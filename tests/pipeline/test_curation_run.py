@@ -130,6 +130,8 @@ def test_blocked_urls_are_never_requested_and_blocked_images_never_kept(curated_
     successes = {r["url"] for r in downloaded if r["status"] == "success"}
     assert not successes & set(paths["blocked_images"]) and not successes & set(paths["blocked_urls"])
     assert {r["error_message"] for r in downloaded if r["url"] in paths["blocked_images"]} == {"blocked_image"}
+    embedded_urls = set(table_of(output / "embeddings" / "metadata").column("url").to_pylist())
+    assert not embedded_urls & {*paths["blocked_images"], *paths["blocked_urls"]}  # so not in the index either
     # Nothing of the lists reaches the report: only counts.
     text = (output / "report" / "report.json").read_text() + (output / "report" / "report.html").read_text()
     for digest in (output.parent / "urls.txt").read_text().split() + (output.parent / "images.txt").read_text().split():

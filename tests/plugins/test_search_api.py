@@ -219,7 +219,7 @@ def test_a_new_index_event_reloads_the_index(client: Any, search_run: dict, tmp_
 
     from airflow.models.asset import AssetEvent, AssetModel
     from airflow.utils.session import create_session
-    from stages.embeddings import load_embeddings
+    from stages.npy import load_embeddings
     from stages.index import INDEX_ASSET
 
     with create_session() as session:

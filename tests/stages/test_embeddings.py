@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.embeddings import (
-    EmbeddingSettings, compute_embeddings, count_embeddings, drop_parts, embed_part, extend_plan, fingerprint, gather_embeddings,
-    load_embeddings, plan_partitions,
-)  # fmt: skip
+from stages.embedding_plans import drop_parts, extend_plan, fingerprint, plan_partitions
+from stages.embeddings import EmbeddingSettings, compute_embeddings, embed_part, gather_embeddings
+from stages.npy import count_embeddings, load_embeddings
 from stages.layout import RunLayout
 
 

@@ -109,6 +109,19 @@ def test_an_allowlist_selects_its_keys_and_counts_those_not_found(tmp_path: Path
     assert marker["selected_by"] == "allowlist" and marker["subset_keys"] == str(allowlist) and marker["shards"] == 2
 
 
+def test_an_allowlist_never_exports_a_sample_a_hash_list_names(tmp_path: Path) -> None:
+    """A sample the curation took out because a blocklist grew after its download is still
+    in its tar; listing its key does not export it."""
+    samples = build_dataset(tmp_path)
+    keys = sorted(k for k in samples)[:3]
+    write_decisions(tmp_path, {keys[0]: None, keys[1]: "blocked_image", keys[2]: "below_clip_score"})
+    allowlist = tmp_path / "keys.txt"
+    allowlist.write_text("\n".join(keys) + "\n")
+    numbers = export(tmp_path, subset_keys=str(allowlist))
+    assert sorted(read_subset(tmp_path)) == [keys[0], keys[2]]  # a score filter does not bind a list; a hash list does
+    assert (numbers["selected"], numbers["samples"], numbers["keys_not_found"]) == (3, 2, 1)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
