@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from stages.index.build import (
     GROWTH_FACTOR,
+    RECALL_SLACK,
     RECALL_TARGET,
     IndexSettings,
     build_indexes,
@@ -18,6 +20,7 @@ from stages.index.build import (
     growth_plan,
     recall_of,
 )
+from stages.index.rerank import MAX_CANDIDATES
 from stages.layout import RunLayout
 from vectors import clustered
 
@@ -165,6 +168,45 @@ def test_growth_past_the_growth_factor_retrains(tmp_path: Path) -> None:
         assert numbers["action"] == "retrained"
         assert numbers["retrain_reason"] == f"1200 vectors exceed {GROWTH_FACTOR} x the 400 the index was trained on"
         assert numbers["trained_on"] == numbers["ntotal"] == numbers["added"] == 1200
+
+
+def test_growth_that_costs_recall_retrains_once(tmp_path: Path) -> None:
+    """PQ codes trained on vectors of one 16-d subspace cannot tell apart the rows of a tight
+    cluster in the other, larger than MAX_CANDIDATES: added, they leave recall@10 far below
+    the index's own, so the build trains again on everything (``retrain_reason``). A tight
+    cluster stays hard for any PQ code, so the retrained index misses the target on its own
+    rows; the next growth is then held to that recall less RECALL_SLACK and is added."""
+    layout = RunLayout(str(tmp_path))
+    settings = IndexSettings(index_key="OPQ8_32,IVF4,PQ8x4")
+
+    def subspace(offset: int, clusters: int, seed: int, rows: int = 2000) -> np.ndarray:
+        vectors = np.zeros((rows, 32), dtype="float32")
+        vectors[:, offset : offset + 16] = clustered(rows, 16, clusters, seed)
+        return vectors
+
+    write_partition(layout, 0, subspace(0, 40, 21), subspace(0, 40, 22))
+    built = build_indexes(layout, settings, recall_queries=300)
+    assert built["image"]["action"] == "built" and built["image"]["recall_at_10"] >= RECALL_TARGET
+
+    assert MAX_CANDIDATES < 2000
+    write_partition(layout, 1, subspace(16, 1, 23), subspace(16, 1, 24))  # within GROWTH_FACTOR: adding is tried
+    retrained = build_indexes(layout, settings, recall_queries=300)
+    for name in ("image", "text"):
+        numbers = retrained[name]
+        floor = min(RECALL_TARGET, built[name]["recall_at_10"] - RECALL_SLACK)
+        assert numbers["action"] == "retrained", numbers
+        reason = re.fullmatch(r"recall@10 (0\.\d+) after adding is below (0\.\d+)", numbers["retrain_reason"])
+        assert reason and float(reason[1]) < float(reason[2]) == pytest.approx(floor, abs=1e-3)
+        assert numbers["trained_on"] == numbers["ntotal"] == 4000
+        assert numbers["trained_recall_at_10"] == numbers["recall_at_10"] < RECALL_TARGET
+
+    write_partition(layout, 2, subspace(0, 40, 25, rows=200), subspace(0, 40, 26, rows=200))
+    grown = build_indexes(layout, settings, recall_queries=300)
+    for name in ("image", "text"):
+        numbers = grown[name]
+        assert (numbers["action"], numbers["added"], numbers["ntotal"], numbers["trained_on"]) == ("added", 200, 4200, 4000)
+        assert numbers["recall_at_10"] >= retrained[name]["recall_at_10"] - RECALL_SLACK
+    assert layout.index_marker.read() == grown
 
 
 def test_a_removed_partition_is_readded_in_name_order(tmp_path: Path) -> None:
