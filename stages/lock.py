@@ -5,10 +5,11 @@ during a backfill) take ``<output_root>/_lock.json`` before they fetch anything 
 back when their report is written. A run that finds the lock held by a run that is still
 going waits; a lock left by a run that ended without giving it back (killed) is taken over.
 
-On a local disk the lock file is created exclusively (``O_EXCL``). Object stores have no
-such create here: the lock is written, then read back, so two runs starting within the
-same moment could both proceed; the DAG's ``max_active_runs=1`` and a backfill's
-``--max-active-runs 1`` keep that from happening (see the README).
+The lock file is created exclusively: ``O_EXCL`` on a local disk, a conditional put
+(``If-None-Match: *``) on S3 and MinIO, so of runs starting within the same moment one
+takes it. Other object stores have no such create here: the lock is written, then read
+back, and two runs starting within the same moment could both proceed; the DAG's
+``max_active_runs=1`` and a backfill's ``--max-active-runs 1`` keep that from happening.
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ class RootLock:
         """Write the lock if none exists; whether it is ours afterwards."""
         body = json.dumps({**self.holder, "since": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         fs, path = url_to_fs(self.url)
+        if "s3" in fs.protocol:
+            try:
+                fs.pipe_file(path, body.encode(), mode="create")
+            except FileExistsError:
+                return False
+            return True
         if storage.is_remote(self.url):
             storage.write_text(self.url, body)
             return self._ours(self.held_by())

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
+from moto_s3 import moto_bucket
 from stages.lock import RootBusyError, RootLock
 
 A = {"dag_id": "laion_pipeline", "run_id": "a"}
@@ -57,8 +59,18 @@ def test_a_waiting_run_starts_once_the_holder_gives_it_back(tmp_path: Path) -> N
     assert outcome == ["taken"] and second.held_by()["run_id"] == "b"
 
 
-def test_two_runs_racing_for_a_free_root_get_it_one_at_a_time(tmp_path: Path) -> None:
-    holders = [RootLock(str(tmp_path), {"dag_id": "d", "run_id": str(i)}) for i in range(8)]
+@pytest.fixture(params=["local", "s3"])
+def root(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """An output root on local disk, or in a bucket of a moto S3 server (conditional puts)."""
+    if request.param == "local":
+        yield str(tmp_path)
+        return
+    with moto_bucket(monkeypatch, f"lock-{uuid.uuid4().hex[:12]}") as bucket:  # moto's buckets outlive its servers
+        yield f"s3://{bucket}/dataset"
+
+
+def test_two_runs_racing_for_a_free_root_get_it_one_at_a_time(root: str) -> None:
+    holders = [RootLock(root, {"dag_id": "d", "run_id": str(i)}) for i in range(8)]
     start = threading.Barrier(len(holders))
     won: list[str] = []
 
@@ -75,4 +87,12 @@ def test_two_runs_racing_for_a_free_root_get_it_one_at_a_time(tmp_path: Path) ->
         thread.start()
     for thread in threads:
         thread.join(60)
-    assert len(won) == 1 and RootLock(str(tmp_path), {"dag_id": "d", "run_id": won[0]}).held_by()["run_id"] == won[0]
+    assert len(won) == 1 and RootLock(root, {"dag_id": "d", "run_id": won[0]}).held_by()["run_id"] == won[0]
+
+
+def test_creating_the_lock_never_overwrites_one(root: str) -> None:
+    """The step two racing runs both reach (each saw no lock): the later create fails and
+    leaves the earlier holder's lock whole, on local disk and on S3 (a conditional put)."""
+    assert RootLock(root, A).acquire(lambda holder: True, wait_seconds=0) == "taken"
+    assert RootLock(root, B)._create() is False
+    assert RootLock(root, B).held_by()["run_id"] == "a"
