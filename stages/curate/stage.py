@@ -30,12 +30,10 @@ are never recomputed. ``curation/_SUCCESS.json`` is written last, with the count
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import logging
 import posixpath
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +42,7 @@ import fsspec
 from stages import storage
 from stages.curate.blocklists import BlocklistSettings, image_blocklist, url_blocklist
 from stages.curate.classifier import load_classifier, scores_of
+from stages.curate.curated_files import KINDS, curated_files_of, curated_name, remove_stale, selection_digest
 from stages.curate.near_duplicates import find_groups, hash_prefix
 from stages.embedding_plans import fingerprint
 from stages.layout import RunLayout
@@ -53,7 +52,6 @@ log = logging.getLogger(__name__)
 
 KEPT, BLOCKED_URL, BLOCKED_IMAGE, BELOW, CLASSIFIER, NEAR = range(6)  # reason codes, in the order filters apply
 REASONS = {BLOCKED_URL: "blocked_url", BLOCKED_IMAGE: "blocked_image", BELOW: "below_clip_score", CLASSIFIER: "classifier", NEAR: "near_duplicate"}
-KINDS = ("img_emb", "text_emb", "metadata")
 HISTOGRAM_BINS = 20
 PAIRS_SHOWN = 8  # removed near-duplicate pairs named in the marker (the report shows them)
 
@@ -379,44 +377,3 @@ def write_partition(
     with storage.atomic_open(url, "wb") as f:
         pq.write_table(decisions, f)
     return 1
-
-
-# A curated file's name: clip-retrieval's, plus a digest of the rows it keeps. A changed
-# selection is a new name (the index sees a new file, never one of the same name and size
-# with other rows), and names still sort by partition, the index's row order.
-CURATED_NAME = re.compile(r"^(img_emb|text_emb|metadata)_(.+)-([0-9a-f]{12})\.(npy|parquet)$")
-
-
-def selection_digest(kept_keys: list[str], clip_model: str | None) -> str:
-    return hashlib.sha256("\n".join([str(clip_model), *kept_keys]).encode()).hexdigest()[:12]
-
-
-def curated_name(kind: str, partition: str, digest: str) -> str:
-    return f"{kind}_{partition}-{digest}.{'parquet' if kind == 'metadata' else 'npy'}"
-
-
-def curated_files_of(layout: RunLayout, partition: str | None = None) -> list[str]:
-    """The curated files (every kind) of ``partition``, or of every partition."""
-    found = []
-    for kind in KINDS:
-        for url in storage.list_files(layout.curated_files(kind), f"{kind}_*"):
-            match = CURATED_NAME.match(posixpath.basename(url))
-            if match and (partition is None or match.group(2) == partition):
-                found.append(url)
-    return found
-
-
-def remove_stale(layout: RunLayout, partitions: list[str]) -> int:
-    """Remove the curation files of partitions no longer embedded (a removed batch); how many partitions."""
-    current, stale = set(partitions), set()
-    for url in storage.list_files(storage.join(layout.curation, "decisions"), "decisions_*.parquet"):
-        name = posixpath.basename(url)[len("decisions_") : -len(".parquet")]
-        if name not in current:
-            storage.remove(url)
-            stale.add(name)
-    for url in curated_files_of(layout):
-        name = CURATED_NAME.match(posixpath.basename(url)).group(2)
-        if name not in current:
-            storage.remove(url)
-            stale.add(name)
-    return len(stale)

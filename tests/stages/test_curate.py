@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages.curate import check_settings
-from stages.curate.stage import CurationSettings, curate, curated_files_of
+from stages.curate.curated_files import curated_files_of
+from stages.curate.stage import CurationSettings, curate
 from stages.layout import RunLayout
 
 DIM = 32
