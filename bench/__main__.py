@@ -1,6 +1,7 @@
 """`make bench SIZE=small|medium|large`: every stage against the bare tool and the compute limit.
 
     python -m bench --size small [--only download,dedup] [--results bench/results] [--work data/bench]
+    python -m bench --size medium --only index --index-vectors 1000000 --index-pq-key OPQ32_128,IVF1024,PQ32x8
 
 Writes ``<results>/<date>-<size>.json`` (machine, commands, every repetition, medians,
 ratios, targets) and prints the table that docs/benchmarks.md shows.
@@ -9,6 +10,7 @@ ratios, targets) and prints the table that docs/benchmarks.md shows.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -16,15 +18,14 @@ import time
 from pathlib import Path
 
 from bench.harness import REPO, machine, results_path, write_results
-from bench.sizes import SIZES
+from bench.sizes import SIZES, Size
 from bench.table import markdown_table
 
 BENCHES = ("download", "dedup", "embeddings", "index", "orchestration", "end_to_end", "growth")
 log = logging.getLogger("bench")
 
 
-def run_one(name: str, size_name: str, work: Path, clip_model: str) -> dict:
-    size = SIZES[size_name]
+def run_one(name: str, size: Size, work: Path, clip_model: str) -> dict:
     processes = os.cpu_count() or 1  # the DAG's default processes_count
     if name == "download":
         from bench import download
@@ -55,7 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {', '.join(BENCHES)}")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--work", type=Path, default=None, help="scratch and cached inputs (default data/bench/<size>)")
+    parser.add_argument("--index-vectors", type=int, nargs="+", help="index: these vector counts instead of the size's")
+    parser.add_argument("--index-pq-key", help="index: this compressed key instead of the size's index_pq_key")
     args = parser.parse_args(argv)
+    size = SIZES[args.size]
+    if args.index_vectors:
+        size = dataclasses.replace(size, index_vectors=tuple(args.index_vectors))
+    if args.index_pq_key:
+        size = dataclasses.replace(size, index_pq_key=args.index_pq_key)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     chosen = [b.strip() for b in args.only.split(",") if b.strip()]
     unknown = sorted(set(chosen) - set(BENCHES))
@@ -67,16 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     from sampleweb.demo_model import ensure_demo_weights
 
     clip_model = ensure_demo_weights(work / "models" / "demo-vit-s-32.pt")
-    record = {"size": args.size, "settings": SIZES[args.size].__dict__, "machine": machine(),
-              "command": f"make bench SIZE={args.size}" if chosen == list(BENCHES)
-              else f"python -m bench --size {args.size} --only {','.join(chosen)}", "benchmarks": {}}
+    command = " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])])
+    record = {"size": args.size, "settings": dataclasses.asdict(size), "machine": machine(),
+              "command": f"make bench SIZE={args.size}" if chosen == list(BENCHES) and size == SIZES[args.size] else command,
+              "benchmarks": {}}
     started = time.time()
     path = results_path(args.results, args.size)
     write_results(path, record)  # claims the name at once: parallel runs of one size do not collide
     for name in chosen:
         log.info("benchmark %s at size %s", name, args.size)
         begun = time.time()
-        result = run_one(name, args.size, work, clip_model)
+        result = run_one(name, size, work, clip_model)
         result["seconds"] = round(time.time() - begun, 1)
         result["loadavg_end"] = os.getloadavg()
         record["benchmarks"][name] = result

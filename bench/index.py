@@ -21,6 +21,7 @@ growth in anonymous memory (``RssAnon``) from loading the run to the last query.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ import numpy as np
 from bench.data import clip_like_vectors, clustered_vectors
 from bench.harness import PY, Bench, env_for_tools, run_json
 from bench.sizes import Size
+from stages.curate.stage import SEARCH_ROW_GROUP
 from stages.index.build import IndexSettings
 
 # The DAG's defaults.
@@ -39,7 +41,6 @@ DATA = {"clustered": clustered_vectors, "clip_like": clip_like_vectors}
 HEADLINE = "clustered-default"  # the case earlier results files measured: what bench.table shows
 PARTITION_ROWS = 25_000  # rows per npy file (clip-retrieval writes 10,000-sample partitions and more)
 FLAT_QUERIES = 100  # single queries timed against exact in-memory search, the reference
-METADATA_ROW_GROUP = 5_000  # rows per parquet row group of the metadata files
 PQ_BUDGET = "128M"  # the pq cases' max_index_memory_usage
 SERVICE_MEMORY_MIB = 1024  # the search service's memory beyond its mapped files, at most
 
@@ -54,13 +55,26 @@ def write_dataset(folder: Path, kind: str, n: int, queries: int) -> None:
         for number, start in enumerate(range(0, n, PARTITION_ROWS)):
             np.save(folder / "img_emb" / f"img_emb_{number:05d}.npy", vectors[start:min(start + PARTITION_ROWS, n)].astype("float16"))
         np.save(folder / "queries.npy", vectors[n:])
-    if not (folder / "metadata").exists():
+    if not _metadata_current(folder / "metadata", n):
         write_metadata(folder / "metadata", n)
 
 
+def _metadata_current(folder: Path, n: int) -> bool:
+    """Whether ``folder`` holds metadata written as curate writes it now (its row groups)."""
+    import pyarrow.parquet as pq
+
+    first = folder / "metadata_00000.parquet"
+    if not first.exists():
+        return False
+    if pq.ParquetFile(first).metadata.row_group(0).num_rows == min(SEARCH_ROW_GROUP, PARTITION_ROWS, n):
+        return True
+    shutil.rmtree(folder)
+    return False
+
+
 def write_metadata(folder: Path, n: int) -> None:
-    """One parquet file per npy partition, as clip-retrieval writes them (rows of
-    ``METADATA_ROW_GROUP``), written to a temporary name and renamed whole."""
+    """One parquet file per npy partition, in row groups of ``SEARCH_ROW_GROUP`` rows as
+    curate writes ``curated/metadata``, written to a temporary name and renamed whole."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -70,7 +84,7 @@ def write_metadata(folder: Path, n: int) -> None:
         rows = range(start, min(start + PARTITION_ROWS, n))
         table = pa.table({"image_path": [f"{i:09d}" for i in rows], "caption": [f"caption of sample {i}" for i in rows],
                           "url": [f"http://127.0.0.1/images/{i}.jpg" for i in rows]})
-        pq.write_table(table, staging / f"metadata_{number:05d}.parquet", row_group_size=METADATA_ROW_GROUP)
+        pq.write_table(table, staging / f"metadata_{number:05d}.parquet", row_group_size=SEARCH_ROW_GROUP)
     staging.rename(folder)
 
 
@@ -178,7 +192,7 @@ def run(size: Size, work: Path) -> Bench:
     bench = Bench("index", settings={
         "vectors": list(size.index_vectors), "dim": 512, "queries": size.index_queries, "stored": "float16 npy",
         "max_index_memory_usage": MEMORY_BUDGET, "current_memory_available": MEMORY_AVAILABLE, "pq_key": size.index_pq_key,
-        "pq_max_index_memory_usage": PQ_BUDGET, "metadata_row_group": METADATA_ROW_GROUP,
+        "pq_max_index_memory_usage": PQ_BUDGET, "metadata_row_group": SEARCH_ROW_GROUP,
         "data": {"clustered": "Gaussian mixture on a 64-d subspace (sqrt(n) clusters) + noise, unit norm",
                  "clip_like": "40 sqrt(n) clusters on a 64-d subspace, Zipf-like sizes (1/r^1.1), + noise, "
                               "+ 0.65 x a shared mean direction (unrelated pairs: cosine about 0.3), unit norm"}})

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from bisect import bisect_right
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -99,13 +101,15 @@ class MetadataRows:
 
     What stays in memory is per file: its row count, its row groups' first rows and the
     range of its keys (``image_path``: the row groups' statistics, else that column read
-    once), plus the last ``cached`` row groups read (``image_path``, ``caption``, ``url``)
-    and the last ``cached`` files' key columns. Nothing grows with the number of samples.
+    once), plus the last ``cached`` row groups read (``image_path``, ``caption``, ``url``),
+    the last ``cached`` files' key columns and the last ``open_files`` files opened, footer
+    parsed (a hit in a file opened lately costs one row group's read and decoding). Nothing
+    grows with the number of samples.
     """
 
     COLUMNS = ("image_path", "caption", "url")
 
-    def __init__(self, files: list[str], cached: int = 8) -> None:
+    def __init__(self, files: list[str], cached: int = 8, open_files: int = 16) -> None:
         self.files = files
         self.starts = [0]  # the first row of each file in index order, then the total
         self.groups: list[list[int]] = []  # per file: the first row of each row group in it
@@ -121,6 +125,9 @@ class MetadataRows:
                 self.groups.append(firsts[:-1])
                 self.starts.append(self.starts[-1] + meta.num_rows)
                 self.key_ranges.append(self._key_range(parquet))
+        self._opened: OrderedDict[int, tuple[Any, Any]] = OrderedDict()  # file -> (handle, ParquetFile), last used last
+        self._open_files = open_files
+        self._reading = threading.Lock()  # an open file's handle is shared: one read at a time
         self._row_group = lru_cache(maxsize=cached)(self._read_row_group)
         self._positions = lru_cache(maxsize=cached)(self._read_positions)
 
@@ -155,8 +162,25 @@ class MetadataRows:
         return (min(lows), max(highs)) if lows else None
 
     def _read_row_group(self, f: int, g: int) -> Any:
-        with self._open(f) as parquet:
+        import pyarrow.parquet as pq
+
+        with self._reading:
+            if f in self._opened:
+                self._opened.move_to_end(f)
+            else:
+                fs, path = url_to_fs(self.files[f])
+                handle = fs.open(path, "rb")
+                self._opened[f] = (handle, pq.ParquetFile(handle))
+                if len(self._opened) > self._open_files:
+                    self._opened.popitem(last=False)[1][0].close()
+            parquet = self._opened[f][1]
             return parquet.read_row_group(g, columns=[c for c in self.COLUMNS if c in parquet.schema_arrow.names])
+
+    def close(self) -> None:
+        """Close the files kept open."""
+        with self._reading:
+            while self._opened:
+                self._opened.popitem()[1][0].close()
 
     def _read_positions(self, f: int) -> dict[str, int]:
         """Key -> its row in file ``f`` (the first, for a key written twice)."""
@@ -188,7 +212,8 @@ class MetadataRows:
 
     def cached(self) -> dict[str, int]:
         """How many decoded row groups and key columns are held now."""
-        return {"row_groups": self._row_group.cache_info().currsize, "key_columns": self._positions.cache_info().currsize}
+        return {"row_groups": self._row_group.cache_info().currsize, "key_columns": self._positions.cache_info().currsize,
+                "open_files": len(self._opened)}
 
 
 class RunIndex:

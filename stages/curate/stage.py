@@ -54,6 +54,8 @@ KEPT, BLOCKED_URL, BLOCKED_IMAGE, BELOW, CLASSIFIER, NEAR = range(6)  # reason c
 REASONS = {BLOCKED_URL: "blocked_url", BLOCKED_IMAGE: "blocked_image", BELOW: "below_clip_score", CLASSIFIER: "classifier", NEAR: "near_duplicate"}
 HISTOGRAM_BINS = 20
 PAIRS_SHOWN = 8  # removed near-duplicate pairs named in the marker (the report shows them)
+# Rows per row group of the curated metadata: the search service decodes one group per hit.
+SEARCH_ROW_GROUP = 1024
 
 
 @dataclass(frozen=True)
@@ -367,7 +369,8 @@ def write_partition(
             continue
         with storage.atomic_open(output, "wb") as f:
             if kind == "metadata":
-                pq.write_table(meta.take(pa.array(kept)).append_column("clip_score", pa.array(score[kept], pa.float32())), f)
+                kept_rows = meta.take(pa.array(kept)).append_column("clip_score", pa.array(score[kept], pa.float32()))
+                pq.write_table(kept_rows, f, row_group_size=SEARCH_ROW_GROUP)
             else:
                 buffer = io.BytesIO()
                 np.save(buffer, read_npy(storage.join(layout.embedding_files(kind), f"{kind}_{partition}.npy"))[kept])

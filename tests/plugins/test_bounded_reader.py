@@ -79,11 +79,14 @@ def test_rows_and_keys_are_those_of_the_concatenated_files(tmp_path: Path) -> No
 
 def test_after_every_key_only_a_few_files_are_held(tmp_path: Path) -> None:
     frame, _ = write_run(tmp_path, SIZES)
-    rows = MetadataRows(sorted(str(f) for f in Path(RunLayout(str(tmp_path)).search_metadata).glob("*.parquet")), cached=3)
-    assert rows.cached() == {"row_groups": 0, "key_columns": 0}  # footers only, until a lookup
+    rows = MetadataRows(sorted(str(f) for f in Path(RunLayout(str(tmp_path)).search_metadata).glob("*.parquet")), cached=3, open_files=2)
+    assert rows.cached() == {"row_groups": 0, "key_columns": 0, "open_files": 0}  # footers only, until a lookup
     assert [rows.position(key) for key in frame["image_path"]] == list(range(len(frame)))
     assert [rows.row(i)["image_path"] for i in range(len(frame))] == frame["image_path"].tolist()
-    assert rows.cached() == {"row_groups": 3, "key_columns": 3}
+    assert rows.cached() == {"row_groups": 3, "key_columns": 3, "open_files": 2}
+    rows.close()
+    assert rows.cached()["open_files"] == 0
+    assert rows.row(0)["image_path"] == frame["image_path"][0] and rows.cached()["open_files"] == 1  # opened again
     # What stays for every file: its row count, its row groups' first rows, its key range.
     assert rows.starts == [0, *np.cumsum(SIZES).tolist()]
     assert rows.groups[2] == [0, 4, 8] and rows.groups[3] == [0]  # an empty file: one empty row group
