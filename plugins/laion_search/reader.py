@@ -108,6 +108,7 @@ class MetadataRows:
     """
 
     COLUMNS = ("image_path", "caption", "url")
+    REMOTE_BLOCK = 2**20  # bytes read ahead per remote file
 
     def __init__(self, files: list[str], cached: int = 8, open_files: int = 16) -> None:
         self.files = files
@@ -138,9 +139,16 @@ class MetadataRows:
     def _open(self, f: int) -> Iterator[Any]:
         import pyarrow.parquet as pq
 
-        fs, path = url_to_fs(self.files[f])
-        with fs.open(path, "rb") as handle:
+        with self._handle(f) as handle:
             yield pq.ParquetFile(handle)
+
+    def _handle(self, f: int) -> Any:
+        """File ``f`` opened for reading; on an object store with a small read-ahead buffer
+        (fsspec's default block, 50 MiB on S3, would be held by every file kept open)."""
+        fs, path = url_to_fs(self.files[f])
+        if storage.is_remote(self.files[f]):
+            return fs.open(path, "rb", block_size=self.REMOTE_BLOCK, cache_type="readahead")
+        return fs.open(path, "rb")
 
     def _key_range(self, parquet: Any) -> tuple[str, str] | None:
         """The least and greatest key of a file: from its row groups' statistics when every
@@ -168,8 +176,7 @@ class MetadataRows:
             if f in self._opened:
                 self._opened.move_to_end(f)
             else:
-                fs, path = url_to_fs(self.files[f])
-                handle = fs.open(path, "rb")
+                handle = self._handle(f)
                 self._opened[f] = (handle, pq.ParquetFile(handle))
                 if len(self._opened) > self._open_files:
                     self._opened.popitem(last=False)[1][0].close()
