@@ -18,7 +18,15 @@ from stages import storage
 from stages.embedding_plans import fingerprint
 from stages.npy import count_embeddings
 from stages.errors import NothingToDo
-from stages.index.rerank import StoredVectors, fewest_candidates, leave_out, recall_of, sample_positions, streamed_neighbours
+from stages.index.rerank import (
+    StoredVectors,
+    cheapest_search,
+    fewest_candidates,
+    leave_out,
+    recall_of,
+    sample_positions,
+    streamed_neighbours,
+)
 from stages.layout import RunLayout
 from stages.settings import setting
 
@@ -373,7 +381,8 @@ def tune_search(index: Any, stored: StoredVectors, chosen: str | None, *, recall
     and its results (:func:`~stages.index.rerank.leave_out`): a row finds itself among any
     candidates, so k' measured with it would be too few for queries from outside the index.
     ``nprobe`` is bisected again for the recall at that k', and k' chosen again at the
-    nprobe found: fewer lists, then as few rows read from the npy files as that allows.
+    nprobe found; then, of that pair and those with more candidates and fewer probes, the
+    one that reads the fewest weighted bytes (:func:`~stages.index.rerank.cheapest_search`).
     Exact neighbours are found by streaming over the npy files
     (:func:`~stages.index.rerank.streamed_neighbours`); ``recall_at_10_without_rerank`` is
     the index's alone, at the nprobe chosen without re-ranking (autofaiss's where even
@@ -392,6 +401,8 @@ def tune_search(index: Any, stored: StoredVectors, chosen: str | None, *, recall
     if rerank_k > k:
         index_param = fewest_probes(index, sample, truth, index_param, RECALL_TARGET, rerank_k, own)
         rerank_k = fewest_candidates(index, sample, truth, index_param, RECALL_TARGET, own)
+        if recall_of(index, sample, truth, index_param, rerank_k, own) >= RECALL_TARGET:
+            index_param, rerank_k = cheapest_search(index, sample, truth, index_param, rerank_k, RECALL_TARGET, own)
     recall = recall_of(index, sample, truth, index_param, rerank_k, own)
     return {
         "index_param": index_param,

@@ -10,15 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.index.build import RECALL_TARGET, IndexSettings, build_indexes, exact_neighbours, recall_of
+from stages.index.build import RECALL_TARGET, IndexSettings, build_indexes, exact_neighbours, fewest_probes, recall_of
 from stages.index.rerank import (
     StoredVectors,
     candidates_for,
+    cheapest_search,
     exact_top_k,
     fewest_candidates,
     leave_out,
     rerank,
     sample_positions,
+    search_cost,
     streamed_neighbours,
 )
 from stages.layout import RunLayout
@@ -106,6 +108,28 @@ def test_fewest_candidates_is_the_least_k_that_reaches_the_target(tmp_path: Path
     flat = faiss.IndexFlatIP(32)
     flat.add(stored)
     assert fewest_candidates(flat, sample, truth, None, RECALL_TARGET) == 10
+
+
+def test_more_candidates_and_fewer_probes_when_that_reads_less() -> None:
+    """2,000 clusters in 128 lists: the fewest probes first (then the fewest candidates)
+    scans more codes than re-ranking more candidates from fewer lists costs."""
+    import faiss
+
+    vectors = clustered(20000, 32, 2000, seed=5)
+    index = faiss.index_factory(32, "IVF128,PQ8", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add(vectors)
+    sample, truth = exact_neighbours(vectors, queries=300, k=10)
+    probes = fewest_probes(index, sample, truth, "nprobe=128", 0.95)
+    candidates = fewest_candidates(index, sample, truth, probes, 0.95)
+    probes = fewest_probes(index, sample, truth, probes, 0.95, candidates)
+    candidates = fewest_candidates(index, sample, truth, probes, 0.95)
+
+    cheaper, more = cheapest_search(index, sample, truth, probes, candidates, 0.95)
+    nprobe = {p: int(p.split("=")[1]) for p in (probes, cheaper)}
+    assert nprobe[cheaper] < nprobe[probes] and more > candidates
+    assert search_cost(index, cheaper, more, 32) < search_cost(index, probes, candidates, 32)
+    assert recall_of(index, sample, truth, cheaper, more) >= 0.95 > recall_of(index, sample, truth, cheaper, more - 1)
 
 
 def test_rerank_keeps_the_best_k_by_exact_score(tmp_path: Path) -> None:
