@@ -16,11 +16,13 @@ rows looked up in the parquet files. The service's memory beyond its mapped file
 growth in anonymous memory (``RssAnon``) from loading the run to the last query.
 
     python -m bench.index table RESULTS.json   # the per-case table of docs/benchmarks.md
+    python -m bench.index serve WORK/index/CASE QUERIES.npy   # serve a built case's queries again
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -247,7 +249,27 @@ def case_table(bench: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def serve_again(work: str, queries_npy: str) -> dict[str, Any]:
+    """Time the held-out queries again through the search service on a case's published
+    folder (a case that ``measure`` built), in a fresh process: latency without a rebuild,
+    for a quieter machine than the build had."""
+    from plugins.laion_search.reader import RunIndex
+
+    queries = np.load(queries_npy)
+    anon_before = _status_bytes("RssAnon")
+    service = RunIndex(work)
+    _, served_ms = _serve(lambda q: [hit.key for hit in service.search_vector(q[0], 10)], queries)
+    _, again_ms = _serve(lambda q: [hit.key for hit in service.search_vector(q[0], 10)], queries)  # the page cache warm
+    return {"case": Path(work).name, "index_param": service.built["image"]["index_param"], "rerank_k": service.rerank_k,
+            "queries": len(queries), "p50_ms": served_ms[0], "p99_ms": served_ms[1], "warm_p50_ms": again_ms[0],
+            "warm_p99_ms": again_ms[1], "service_anon_mib": round((_status_bytes("RssAnon") - anon_before) / 2**20, 1),
+            "loadavg": os.getloadavg()}
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 4 and argv[1] == "serve":
+        print(json.dumps(serve_again(*argv[2:])))
+        return 0
     if len(argv) == 6 and argv[1] == "measure":
         print(json.dumps(measure(*argv[2:]), default=str))
         return 0
