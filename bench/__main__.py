@@ -1,7 +1,7 @@
 """`make bench SIZE=small|medium|large`: every stage against the bare tool and the compute limit.
 
     python -m bench --size small [--only download,dedup] [--results bench/results] [--work data/bench]
-    python -m bench --size medium --only index --index-vectors 1000000 --index-pq-key OPQ32_128,IVF1024,PQ32x8
+    python -m bench --size medium --only index --index-vectors 1000000 --index-pq-key OPQ32_128,IVF4096,PQ32x8
 
 Writes ``<results>/<date>-<size>.json`` (machine, commands, every repetition, medians,
 ratios, targets) and prints the table that docs/benchmarks.md shows.

@@ -25,6 +25,7 @@ from stages.index.rerank import (
     leave_out,
     recall_of,
     sample_positions,
+    search_params,
     streamed_neighbours,
 )
 from stages.layout import RunLayout
@@ -353,7 +354,7 @@ def fewest_probes(
     Recall grows with nprobe, so a bisection finds the least that reaches ``target``. If
     even autofaiss's choice misses ``target``, its choice is kept.
     """
-    params = dict(p.split("=", 1) for p in index_param.split(",")) if index_param else {}
+    params = search_params(index_param)
     if "nprobe" not in params:
         return index_param
 
@@ -398,12 +399,16 @@ def tune_search(index: Any, stored: StoredVectors, chosen: str | None, *, recall
     truth = leave_out(truth, own, k)
     plain = recall_of(index, sample, truth, index_param, exclude=own)
     rerank_k = fewest_candidates(index, sample, truth, index_param, RECALL_TARGET, own)
-    if rerank_k > k:
+    reranked = rerank_k > k
+    if reranked:
         index_param = fewest_probes(index, sample, truth, index_param, RECALL_TARGET, rerank_k, own)
         rerank_k = fewest_candidates(index, sample, truth, index_param, RECALL_TARGET, own)
-        if recall_of(index, sample, truth, index_param, rerank_k, own) >= RECALL_TARGET:
-            index_param, rerank_k = cheapest_search(index, sample, truth, index_param, rerank_k, RECALL_TARGET, own)
     recall = recall_of(index, sample, truth, index_param, rerank_k, own)
+    if reranked and recall >= RECALL_TARGET:
+        cheaper = cheapest_search(index, sample, truth, index_param, rerank_k, RECALL_TARGET, own)
+        if cheaper != (index_param, rerank_k):
+            index_param, rerank_k = cheaper
+            recall = recall_of(index, sample, truth, index_param, rerank_k, own)
     return {
         "index_param": index_param,
         "rerank_k": rerank_k,

@@ -243,12 +243,17 @@ def fewest_candidates(index: Any, sample: Any, truth: Any, index_param: str | No
     return high
 
 
+def search_params(index_param: str | None) -> dict[str, str]:
+    """faiss's ``ParameterSpace`` string (``nprobe=7,ht=2048``) as name -> value."""
+    return dict(p.split("=", 1) for p in index_param.split(",")) if index_param else {}
+
+
 def search_cost(index: Any, index_param: str | None, candidates: int, dim: int) -> float:
     """Bytes a query reads, weighted: the codes of the ``nprobe`` lists it scans (the whole
     index without ``nprobe``) and ``RERANK_BYTE_COST`` times the rows it re-ranks."""
     import faiss
 
-    params = dict(p.split("=", 1) for p in index_param.split(",")) if index_param else {}
+    params = search_params(index_param)
     try:
         ivf = faiss.extract_index_ivf(index)
         scanned = int(params.get("nprobe", ivf.nlist)) * index.ntotal / ivf.nlist * ivf.code_size
