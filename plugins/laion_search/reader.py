@@ -110,10 +110,12 @@ class MetadataRows:
     COLUMNS = ("image_path", "caption", "url")
     REMOTE_BLOCK = 2**20  # bytes read ahead per remote file
 
-    def __init__(self, files: list[str], cached: int = 8, open_files: int = 16) -> None:
+    def __init__(self, files: list[str], cached: int = 8, open_files: int = 64) -> None:
+        import numpy as np
+
         self.files = files
         self.starts = [0]  # the first row of each file in index order, then the total
-        self.groups: list[list[int]] = []  # per file: the first row of each row group in it
+        self.groups: list[Any] = []  # per file: the first row of each row group in it (int64: 8 bytes a group)
         self.key_ranges: list[tuple[str, str] | None] = []  # per file: its least and greatest key
         for f in range(len(files)):
             with self._open(f) as parquet:
@@ -123,7 +125,7 @@ class MetadataRows:
                 firsts = [0]
                 for g in range(meta.num_row_groups):
                     firsts.append(firsts[-1] + meta.row_group(g).num_rows)
-                self.groups.append(firsts[:-1])
+                self.groups.append(np.array(firsts[:-1], dtype="int64"))
                 self.starts.append(self.starts[-1] + meta.num_rows)
                 self.key_ranges.append(self._key_range(parquet))
         self._opened: OrderedDict[int, tuple[Any, Any]] = OrderedDict()  # file -> (handle, ParquetFile), last used last
@@ -169,19 +171,25 @@ class MetadataRows:
                 highs.append(stats.max)
         return (min(lows), max(highs)) if lows else None
 
-    def _read_row_group(self, f: int, g: int) -> Any:
+    def _opened_file(self, f: int) -> Any:
+        """File ``f``'s ParquetFile, kept open (the least lately used closed past
+        ``open_files``); the caller holds ``_reading``."""
         import pyarrow.parquet as pq
 
+        if f in self._opened:
+            self._opened.move_to_end(f)
+        else:
+            handle = self._handle(f)
+            self._opened[f] = (handle, pq.ParquetFile(handle))
+            if len(self._opened) > self._open_files:
+                self._opened.popitem(last=False)[1][0].close()
+        return self._opened[f][1]
+
+    def _read_row_group(self, f: int, g: int) -> Any:
         with self._reading:
-            if f in self._opened:
-                self._opened.move_to_end(f)
-            else:
-                handle = self._handle(f)
-                self._opened[f] = (handle, pq.ParquetFile(handle))
-                if len(self._opened) > self._open_files:
-                    self._opened.popitem(last=False)[1][0].close()
-            parquet = self._opened[f][1]
-            return parquet.read_row_group(g, columns=[c for c in self.COLUMNS if c in parquet.schema_arrow.names])
+            parquet = self._opened_file(f)
+            # One small read: pyarrow's thread pool would cost more than it saves.
+            return parquet.read_row_group(g, columns=[c for c in self.COLUMNS if c in parquet.schema_arrow.names], use_threads=False)
 
     def close(self) -> None:
         """Close the files kept open."""
@@ -191,19 +199,21 @@ class MetadataRows:
 
     def _read_positions(self, f: int) -> dict[str, int]:
         """Key -> its row in file ``f`` (the first, for a key written twice)."""
-        with self._open(f) as parquet:
-            keys = parquet.read(columns=["image_path"]).column(0).to_pylist()
+        with self._reading:
+            keys = self._opened_file(f).read(columns=["image_path"]).column(0).to_pylist()
         return {str(k): j for j, k in reversed(list(enumerate(keys))) if k is not None}
 
     def row(self, i: int) -> dict[str, str]:
         """Row ``i`` in index order: its ``image_path``, ``caption`` and ``url`` ("" where missing)."""
+        import numpy as np
+
         if not 0 <= i < len(self):
             raise IndexError(f"row {i} is outside the {len(self)} metadata rows of {os.path.dirname(self.files[0])}")
         f = bisect_right(self.starts, i) - 1
         local = i - self.starts[f]
-        g = bisect_right(self.groups[f], local) - 1
+        g = int(np.searchsorted(self.groups[f], local, side="right")) - 1
         table = self._row_group(f, g)
-        j = local - self.groups[f][g]
+        j = local - int(self.groups[f][g])
         values = {name: table.column(name)[j].as_py() for name in table.column_names}
         return {name: "" if values.get(name) is None else str(values[name]) for name in self.COLUMNS}
 

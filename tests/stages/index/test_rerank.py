@@ -146,6 +146,13 @@ def test_rerank_keeps_the_best_k_by_exact_score(tmp_path: Path) -> None:
             candidates_for(45, 30, 10**6), candidates_for(45, 30, 100)] == [10, 5, 45, 135, 100]
 
 
+def test_take_returns_the_rows_asked_in_their_order(tmp_path: Path) -> None:
+    stored = write_files(tmp_path / "emb", clustered(60, 8, 4, seed=7), [25, 0, 5, 30])
+    ids = np.random.default_rng(3).integers(0, 60, size=200)  # every file, repeats, any order
+    assert np.array_equal(StoredVectors(str(tmp_path / "emb")).take(ids).astype("float32"), stored[ids])
+    assert StoredVectors(str(tmp_path / "emb")).take([]).shape == (0, 8)
+
+
 def test_bad_inputs_are_named(tmp_path: Path) -> None:
     folder = tmp_path / "emb"
     write_files(folder, clustered(30, 8, 3, seed=6), [10, 20])
