@@ -5,7 +5,9 @@ Set here, at the repository root, so it is in place before anything imports Airf
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -14,8 +16,10 @@ REPO = Path(__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
 
 os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="laion-airflow-home-")
+atexit.register(shutil.rmtree, os.environ["AIRFLOW_HOME"], ignore_errors=True)
 os.environ.update(
     {
+        "LAION_SEARCH_CACHE_DIR": os.path.join(os.environ["AIRFLOW_HOME"], "search-cache"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",

@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -27,6 +28,55 @@ from stages.index.rerank import StoredVectors, candidates_for, rerank
 from stages.layout import RunLayout, shard_location
 
 log = logging.getLogger(__name__)
+
+
+CACHE_DIR_ENV = "LAION_SEARCH_CACHE_DIR"
+STALE_PARTIAL_SECONDS = 86400
+
+
+def local_copy(url: str, cache_dir: str | None = None) -> str:
+    """A local copy of the remote file ``url``, for memory-mapping: downloaded once per
+    version (size and ETag or modification time) into ``cache_dir`` (by default
+    ``$LAION_SEARCH_CACHE_DIR``, else ``laion-search-cache`` in the temporary folder), kept
+    across restarts, written under a temporary name and renamed whole. Copies of the same
+    ``url``'s earlier versions are removed then (a process still mapping one keeps reading it:
+    the file's pages live until it is unmapped), so each url holds one file's room.
+    """
+    import hashlib
+    import uuid
+
+    fs, path = url_to_fs(url)
+    info = fs.info(path)
+    version = "|".join(str(info.get(field) or "") for field in ("size", "ETag", "LastModified", "mtime"))
+    folder = os.path.join(cache_dir or os.environ.get(CACHE_DIR_ENV) or os.path.join(tempfile.gettempdir(), "laion-search-cache"),
+                          hashlib.sha256(url.encode()).hexdigest()[:20])
+    name = hashlib.sha256(version.encode()).hexdigest()[:20] + os.path.splitext(path)[1]
+    local = os.path.join(folder, name)
+    if not os.path.exists(local):
+        os.makedirs(folder, exist_ok=True)
+        partial = f"{local}.{uuid.uuid4().hex}.partial"
+        try:
+            fs.get_file(path, partial)
+            os.replace(partial, local)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+        log.info("Copied %s (%s bytes) to %s", url, info.get("size"), local)
+    ours = os.path.getmtime(local)
+    for other in os.listdir(folder):
+        other_path = os.path.join(folder, other)
+        try:
+            # Older versions go; a newer one is another process's; a .partial is being
+            # written unless a day passed (a killed download's).
+            if other.endswith(".partial"):
+                stale = time.time() - os.path.getmtime(other_path) > STALE_PARTIAL_SECONDS
+            else:
+                stale = other != name and os.path.getmtime(other_path) < ours
+            if stale:
+                os.remove(other_path)
+        except FileNotFoundError:  # removed by another process meanwhile
+            pass
+    return local
 
 
 @dataclass
@@ -250,10 +300,7 @@ class RunIndex:
 
         url = self.layout.index_file("image")
         if storage.is_remote(url):
-            fs, path = url_to_fs(url)
-            local = os.path.join(tempfile.mkdtemp(prefix="laion-search-"), "image.index")
-            fs.get_file(path, local)
-            url = local
+            url = local_copy(url)
         # IVF indexes are memory-mapped: the file's pages, not a copy, back the search.
         try:
             index = faiss.read_index(url, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -66,11 +65,11 @@ def interrupt(signum: int, frame: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Any:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
     # A SIGTERM (a CI time limit) becomes an interrupt, so the cluster is still stopped by pid.
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        with LoopbackCluster(Path(tempfile.mkdtemp(prefix="laion-cluster-")), gpu_workers=2) as running:
+        with LoopbackCluster(tmp_path_factory.mktemp("cluster"), gpu_workers=2) as running:
             yield running
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -11,7 +11,6 @@ import os
 import socket
 import sqlite3
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -65,7 +64,8 @@ def captured_output(path: Path) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def s3_run(airflow_db: str, sample_web: Any, clip_model: str, run: Any, conf_for: Any, s3_endpoint: str) -> Any:
+def s3_run(airflow_db: str, sample_web: Any, clip_model: str, run: Any, conf_for: Any, s3_endpoint: str,
+           tmp_path_factory: pytest.TempPathFactory) -> Any:
     import boto3
 
     boto3.client(
@@ -81,7 +81,7 @@ def s3_run(airflow_db: str, sample_web: Any, clip_model: str, run: Any, conf_for
         patch.setenv("AIRFLOW_CONN_LAION_TEST_S3", json.dumps(connection))
         web, expected, _ = sample_web
         conf = {**conf_for(web, "unused", clip_model), "output_root": f"s3://{BUCKET}/run", "storage_conn_id": "laion_test_s3"}
-        log = Path(tempfile.mkdtemp(prefix="laion-s3-run-")) / "run.log"
+        log = tmp_path_factory.mktemp("s3-run") / "run.log"
         with captured_output(log):
             run(conf)
     import s3fs
