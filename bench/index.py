@@ -12,8 +12,11 @@ builds with ``build_one``, publishes the index as ``build_index`` does (marker, 
 files, ``index/metadata`` parquet files with a row per vector) and then serves queries one at
 a time through the search service's own ``RunIndex.search_vector``: the index memory-mapped,
 ``rerank_k`` candidates re-ranked against the memory-mapped npy files, the 10 hits' metadata
-rows looked up in the parquet files. The service's memory beyond its mapped files is its
-growth in anonymous memory (``RssAnon``) from loading the run to the last query.
+rows looked up in the parquet files. Then the case is served again in a fresh process
+(``python -m bench.index serve``), as the API server would serve it: the latency targets
+are that process's, and the service's memory beyond its mapped files is its growth in
+anonymous memory (``RssAnon``) from loading the run to the last query (in the build's
+process, the build's own frees would offset it).
 
     python -m bench.index table RESULTS.json   # the per-case table of docs/benchmarks.md
     python -m bench.index serve WORK/index/CASE QUERIES.npy   # serve a built case's queries again
@@ -124,7 +127,7 @@ def measure(embeddings: str, queries_npy: str, work: str, settings_json: str) ->
     queries = np.load(queries_npy)
     truth = exact_top_k(stored, queries, 10)[1]  # read in blocks, not mapped: nothing left resident
 
-    resident_before, anon_before = _rss_bytes(), _status_bytes("RssAnon")
+    resident_before = _rss_bytes()
     service = RunIndex(work)
     index = service.index  # memory-mapped at the recorded index_param; re-ranked: the npy files mapped
     params = faiss.ParameterSpace()
@@ -137,7 +140,7 @@ def measure(embeddings: str, queries_npy: str, work: str, settings_json: str) ->
     resident_index = _rss_bytes()
     len(service.rows)  # the metadata files' footers
     found, served_ms = _serve(lambda q: [int(hit.key) for hit in service.search_vector(q[0], 10)], queries)
-    resident_all, anon_all = _rss_bytes(), _status_bytes("RssAnon")
+    resident_all = _rss_bytes()
     flat = faiss.IndexFlatIP(stored.dim)
     for _, block in stored.blocks():
         flat.add(block)
@@ -156,7 +159,6 @@ def measure(embeddings: str, queries_npy: str, work: str, settings_json: str) ->
         "index_bytes_per_vector": round(built["size_bytes"] / built["ntotal"], 1),
         "resident_index_bytes_per_vector": round((resident_index - resident_before) / built["ntotal"], 1),
         "resident_bytes_per_vector": round((resident_all - resident_before) / built["ntotal"], 1),
-        "service_anon_mib": round((anon_all - anon_before) / 2**20, 1),
         "service_rss_mib": round((resident_all - resident_before) / 2**20, 1),
     }
 
@@ -207,7 +209,9 @@ def run(size: Size, work: Path) -> Bench:
                 case = f"{kind}-{variant}-{n}"
                 bench.commands[case] = [PY, "-m", "bench.index", "measure", str(data / "img_emb"), str(data / "queries.npy"),
                                         str(work / "index" / case), json.dumps(settings)]
-                cases[case] = lambda rep, case=case: run_json(bench.commands[case], env=env_for_tools())
+                # The search service is a process of its own (the API server's): served again in a fresh one.
+                bench.commands[f"{case}-service"] = [PY, "-m", "bench.index", "serve", str(work / "index" / case), str(data / "queries.npy")]
+                cases[case] = lambda rep, case=case: _built_and_served(bench.commands[case], bench.commands[f"{case}-service"])
     # An index build is long and its time barely varies: one repetition per case.
     measured = bench.interleave(cases, 1)
     # bench.table reads one case per vector count: the headline, with every case beside it.
@@ -220,9 +224,18 @@ def run(size: Size, work: Path) -> Bench:
         bench.target(f"search service memory beyond mapped files MiB, {case}", v["service_anon_mib"], "<=", SERVICE_MEMORY_MIB)
     largest = max(size.index_vectors)
     for kind in DATA:
-        bench.target(f"p50 query at {largest:,} vectors (ms), {kind}-pq", measured[f"{kind}-pq-{largest}"]["p50_ms"], "<=", 5.0)
-        bench.target(f"p99 query at {largest:,} vectors (ms), {kind}-pq", measured[f"{kind}-pq-{largest}"]["p99_ms"], "<=", 20.0)
+        service = measured[f"{kind}-pq-{largest}"]["service"]
+        bench.target(f"p50 query at {largest:,} vectors (ms), {kind}-pq, fresh service", service["p50_ms"], "<=", 5.0)
+        bench.target(f"p99 query at {largest:,} vectors (ms), {kind}-pq, fresh service", service["p99_ms"], "<=", 20.0)
     return bench
+
+
+def _built_and_served(measure_command: list[str], serve_command: list[str]) -> dict[str, Any]:
+    """A case built and served in one process, then served again in a fresh one, whose
+    memory growth is the service's (the build process's own frees would offset it)."""
+    built = run_json(measure_command, env=env_for_tools())
+    service = run_json(serve_command, env=env_for_tools())
+    return {**built, "service_anon_mib": service["service_anon_mib"], "service": service}
 
 
 def _mib(memory: str) -> float:
@@ -235,7 +248,7 @@ def case_table(bench: dict[str, Any]) -> str:
     """Every case of an index results entry as one markdown table."""
     lines = ["| case | key | index_param, k' | recall@10 held out: autofaiss alone / alone / **served** (build) "
              "| p50 / p99 ms served (alone) | build s, peak MiB | bytes/vector: file / resident index / + npy rows "
-             "| service MiB beyond mapped files |",
+             "| fresh service: p50 / p99 ms (again), MiB beyond mapped files |",
              "|---|---|---|---|---|---|---|---|"]
     for n, headline in bench["median"].items():
         for case, v in headline["cases"].items():
@@ -245,8 +258,15 @@ def case_table(bench: dict[str, Any]) -> str:
                 f'| {v["p50_ms"]} / {v["p99_ms"]} ({v["without_rerank_p50_ms"]} / {v["without_rerank_p99_ms"]}) '
                 f'| {v["build_seconds"]:.1f}, {v["peak_rss_mib"]:,.0f} '
                 f'| {v["index_bytes_per_vector"]:,.0f} / {v["resident_index_bytes_per_vector"]:,.0f} / {v["resident_bytes_per_vector"]:,.0f} '
-                f'| {v.get("service_anon_mib", "-")} |')
+                f'| {_service_cell(v)} |')
     return "\n".join(lines)
+
+
+def _service_cell(v: dict[str, Any]) -> str:
+    service = v.get("service")
+    if service is None:  # results recorded before the fresh service was measured
+        return str(v.get("service_anon_mib", "-"))
+    return f'{service["p50_ms"]} / {service["p99_ms"]} ({service["warm_p50_ms"]} / {service["warm_p99_ms"]}), {service["service_anon_mib"]}'
 
 
 def serve_again(work: str, queries_npy: str) -> dict[str, Any]:
