@@ -178,7 +178,7 @@ class MetadataRows:
                 self.groups.append(np.array(firsts[:-1], dtype="int64"))
                 self.starts.append(self.starts[-1] + meta.num_rows)
                 self.key_ranges.append(self._key_range(parquet))
-        self._opened: OrderedDict[int, tuple[Any, Any]] = OrderedDict()  # file -> (handle, ParquetFile), last used last
+        self._opened: OrderedDict[int, tuple[Any, Any, list[str]]] = OrderedDict()  # file -> (handle, ParquetFile, columns), last used last
         self._open_files = open_files
         self._reading = threading.Lock()  # an open file's handle is shared: one read at a time
         self._row_group = lru_cache(maxsize=cached)(self._read_row_group)
@@ -222,24 +222,25 @@ class MetadataRows:
         return (min(lows), max(highs)) if lows else None
 
     def _opened_file(self, f: int) -> Any:
-        """File ``f``'s ParquetFile, kept open (the least lately used closed past
-        ``open_files``); the caller holds ``_reading``."""
+        """File ``f``'s (handle, ParquetFile, columns to read), kept open (the least lately
+        used closed past ``open_files``); the caller holds ``_reading``."""
         import pyarrow.parquet as pq
 
         if f in self._opened:
             self._opened.move_to_end(f)
         else:
             handle = self._handle(f)
-            self._opened[f] = (handle, pq.ParquetFile(handle))
+            parquet = pq.ParquetFile(handle)
+            self._opened[f] = (handle, parquet, [c for c in self.COLUMNS if c in parquet.schema_arrow.names])
             if len(self._opened) > self._open_files:
                 self._opened.popitem(last=False)[1][0].close()
-        return self._opened[f][1]
+        return self._opened[f]
 
     def _read_row_group(self, f: int, g: int) -> Any:
         with self._reading:
-            parquet = self._opened_file(f)
+            _, parquet, columns = self._opened_file(f)
             # One small read: pyarrow's thread pool would cost more than it saves.
-            return parquet.read_row_group(g, columns=[c for c in self.COLUMNS if c in parquet.schema_arrow.names], use_threads=False)
+            return parquet.read_row_group(g, columns=columns, use_threads=False)
 
     def close(self) -> None:
         """Close the files kept open."""
@@ -250,7 +251,7 @@ class MetadataRows:
     def _read_positions(self, f: int) -> dict[str, int]:
         """Key -> its row in file ``f`` (the first, for a key written twice)."""
         with self._reading:
-            keys = self._opened_file(f).read(columns=["image_path"]).column(0).to_pylist()
+            keys = self._opened_file(f)[1].read(columns=["image_path"]).column(0).to_pylist()
         return {str(k): j for j, k in reversed(list(enumerate(keys))) if k is not None}
 
     def row(self, i: int) -> dict[str, str]:
