@@ -323,6 +323,12 @@ class StageListener:
         self.console.line(done_line(label, task_instance.task_id, value, self._elapsed(task_instance)))
 
     @hookimpl
+    def on_task_instance_skipped(self, previous_state: Any, task_instance: Any) -> None:
+        label = self._label(task_instance)
+        self.poller.forget(label)
+        self.console.line(f"{label} skipped after {self._elapsed(task_instance):.1f} s")
+
+    @hookimpl
     def on_task_instance_failed(self, previous_state: Any, task_instance: Any, error: Any) -> None:
         label = self._label(task_instance)
         self.poller.forget(label)

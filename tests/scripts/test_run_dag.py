@@ -5,6 +5,7 @@ runs; `make up`'s setup leaves a live run alone."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -121,6 +122,11 @@ def test_a_killed_run_is_marked_failed_by_the_next_start_which_succeeds(
     slow_web.release()
     again = MakeRun(home, pipeline_conf, tmp_path / "again")
     assert again.wait() == 0, again.terminal()[-3000:]
+    # Every stage that started says how it ended: export_subset (not asked for) skips itself.
+    lines = again.terminal().splitlines()
+    started = {line.split()[1] for line in lines if line.endswith(" started")}
+    ended = {line.split()[1] for line in lines if re.search(r" (done in|skipped after) ", line)}
+    assert started == ended and "export_subset" in started, lines
 
     assert left_by_a_dead_process(killed_id, killed) in again.terminal()
     assert home.run_state(killed_id) == "failed"
