@@ -21,6 +21,10 @@ from stages import storage
 from stages.npy import NpyFile, npy_headers
 
 BLOCK_BYTES = 32 * 2**20  # float32 rows scanned at a time by the exact search
+# Rows whose pages take() asks for together: a served query's candidates (k <= 100 results,
+# k' <= 1,024 per 10). build_index's recall batches (1,000 queries x k') are read for
+# throughput, where a system call per row would add about a second per batch.
+PREFETCH_ROWS = 16384
 # The most candidates a query may fetch for re-ranking, per 10 results: reading more rows
 # than this from the npy files costs more than the search itself.
 MAX_CANDIDATES = 1024
@@ -177,7 +181,7 @@ class StoredVectors:
             order = np.argsort(file_of, kind="stable")
             bounds = np.searchsorted(file_of[order], np.arange(len(self.files) + 1))
             files = np.nonzero(np.diff(bounds))[0].tolist()
-            if len(ids) > 1:
+            if 1 < len(ids) <= PREFETCH_ROWS:
                 for file in files:  # every row's pages asked of the disk at once, then read
                     self._prefetch(file, ids[order[bounds[file]:bounds[file + 1]]] - (self.ends[file] - self.files[file].rows))
             for file in files:

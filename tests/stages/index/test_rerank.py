@@ -12,6 +12,7 @@ import pytest
 
 from stages.index.build import RECALL_TARGET, IndexSettings, build_indexes, exact_neighbours, fewest_probes, recall_of
 from stages.index.rerank import (
+    PREFETCH_ROWS,
     StoredVectors,
     candidates_for,
     cheapest_search,
@@ -148,8 +149,9 @@ def test_rerank_keeps_the_best_k_by_exact_score(tmp_path: Path) -> None:
 
 def test_take_returns_the_rows_asked_in_their_order(tmp_path: Path) -> None:
     stored = write_files(tmp_path / "emb", clustered(60, 8, 4, seed=7), [25, 0, 5, 30])
-    ids = np.random.default_rng(3).integers(0, 60, size=200)  # every file, repeats, any order
-    assert np.array_equal(StoredVectors(str(tmp_path / "emb")).take(ids).astype("float32"), stored[ids])
+    for size in (200, PREFETCH_ROWS + 1):  # pages asked for first, or not
+        ids = np.random.default_rng(3).integers(0, 60, size=size)  # every file, repeats, any order
+        assert np.array_equal(StoredVectors(str(tmp_path / "emb")).take(ids).astype("float32"), stored[ids])
     assert StoredVectors(str(tmp_path / "emb")).take([]).shape == (0, 8)
 
 
