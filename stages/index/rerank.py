@@ -176,6 +176,7 @@ class StoredVectors:
         dtype = self.files[0].dtype if self.files else np.dtype("float32")
         out = np.empty((len(ids), self.dim), dtype=dtype)
         file_of = np.searchsorted(self.ends, ids, side="right")
+        local = ids - (self.ends - [npy.rows for npy in self.files])[file_of]  # each id's row in its file
         if self._mapped is not None:
             # Ids grouped by file once (not a mask per file: a query's candidates touch most files).
             order = np.argsort(file_of, kind="stable")
@@ -183,14 +184,14 @@ class StoredVectors:
             files = np.nonzero(np.diff(bounds))[0].tolist()
             if 1 < len(ids) <= PREFETCH_ROWS:
                 for file in files:  # every row's pages asked of the disk at once, then read
-                    self._prefetch(file, ids[order[bounds[file]:bounds[file + 1]]] - (self.ends[file] - self.files[file].rows))
+                    self._prefetch(file, local[order[bounds[file]:bounds[file + 1]]])
             for file in files:
                 chosen = order[bounds[file]:bounds[file + 1]]
-                out[chosen] = self._mapped[file][ids[chosen] - (self.ends[file] - self.files[file].rows)]
+                out[chosen] = self._mapped[file][local[chosen]]
             return out
         # Remote: one ranged read per row, issued together.
         width = self.dim * dtype.itemsize
-        starts = [self.files[f].data_offset + (int(i) - int(self.ends[f] - self.files[f].rows)) * width for f, i in zip(file_of, ids)]
+        starts = [self.files[f].data_offset + int(row) * width for f, row in zip(file_of, local)]
         data = self._fs.cat_ranges([self.files[f].path for f in file_of], starts, [s + width for s in starts])
         for row, raw in enumerate(data):
             out[row] = np.frombuffer(raw, dtype=dtype)
@@ -243,11 +244,9 @@ def exact_top_k(stored: StoredVectors, queries: Any, k: int, block_rows: int | N
 def streamed_neighbours(stored: StoredVectors, *, queries: int, k: int, seed: int = 0, block_rows: int | None = None) -> tuple[Any, Any]:
     """(a sample of ``queries`` stored rows, their exact top-``k`` among all rows), as
     :func:`stages.index.build.exact_neighbours` computes it in memory, read in blocks."""
-    import numpy as np
-
     if stored.total == 0:
         raise ValueError(f"no embedding rows under {stored.folder}: nothing to measure recall on")
-    sample = np.ascontiguousarray(stored.take(sample_positions(stored.total, queries, seed)), dtype="float32")
+    sample = as_float32(stored.take(sample_positions(stored.total, queries, seed)))
     return sample, exact_top_k(stored, sample, k, block_rows)[1]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 import tracemalloc
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from stages.index.rerank import (
     search_cost,
     streamed_neighbours,
 )
+from moto_s3 import moto_bucket
 from stages.layout import RunLayout
 from vectors import clustered
 
@@ -153,6 +155,16 @@ def test_take_returns_the_rows_asked_in_their_order(tmp_path: Path) -> None:
         ids = np.random.default_rng(3).integers(0, 60, size=size)  # every file, repeats, any order
         assert np.array_equal(StoredVectors(str(tmp_path / "emb")).take(ids).astype("float32"), stored[ids])
     assert StoredVectors(str(tmp_path / "emb")).take([]).shape == (0, 8)
+
+
+def test_take_reads_rows_by_byte_range_on_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fsspec
+
+    stored = write_files(tmp_path / "emb", clustered(60, 8, 4, seed=7), [25, 0, 5, 30])
+    with moto_bucket(monkeypatch, f"take-{uuid.uuid4().hex[:12]}") as bucket:
+        fsspec.filesystem("s3").put(str(tmp_path / "emb"), f"{bucket}/emb", recursive=True)
+        ids = np.random.default_rng(4).integers(0, 60, size=50)
+        assert np.array_equal(StoredVectors(f"s3://{bucket}/emb").take(ids).astype("float32"), stored[ids])
 
 
 def test_bad_inputs_are_named(tmp_path: Path) -> None:
